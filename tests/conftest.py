@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic CIFAR-10 in the real on-disk format, so a fresh clone passes."""
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_fake_cifar(root, n_train=200, n_test=50, seed=0):
+    """Write CIFAR-10-format batch files with class-dependent colours (learnable) under root."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(123).integers(0, 256, (10, 3))  # a colour per class
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        base = palette[labels]
+        images = np.clip(base[:, None, None, :] + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        return images, labels
+
+    def dump(name, images, labels):
+        data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
+
+    images, labels = batch(n_train)
+    for i, part in enumerate(np.array_split(np.arange(n_train), 5)):
+        dump(f"data_batch_{i + 1}", images[part], labels[part])
+    dump("test_batch", *batch(n_test))
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog",
+                                      b"horse", b"ship", b"truck"]}, f)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def fake_cifar(tmp_path_factory):
+    """A folder holding synthetic CIFAR-10 (200 train, 50 test images)."""
+    return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Real images (../shared/data/cifar10-mini) where they exist, synthetic ones otherwise."""
+    mini = SHARED_DATA / "cifar10-mini"
+    if (mini / "cifar-10-batches-py" / "test_batch").exists():
+        return mini
+    return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar_nb"), n_train=1000, n_test=200)
