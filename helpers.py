@@ -246,8 +246,11 @@ def dataset_mean_std(images):
 
 def build_transforms(train=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop=True, flip=True,
                      cutout=False, cutout_size=16, cutout_p=0.5, rotate=0, pad=4,
-                     pad_mode="constant", normalize=True):
-    """An albumentations 2.x pipeline; the test pipeline (train=False) only normalises."""
+                     pad_mode="constant", normalize=True, always=False):
+    """An albumentations 2.x pipeline; the test pipeline (train=False) only normalises.
+
+    always=True applies every chosen augmentation with probability 1 (for previews).
+    """
     border = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101}[
         _choice(pad_mode, ("constant", "reflect"), "pad_mode")]
     fill = tuple(255.0 * m for m in mean)  # the dataset mean in pixel space (before Normalize)
@@ -257,13 +260,14 @@ def build_transforms(train=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop=True, 
                                 border_mode=border, fill=0),
                   A.RandomCrop(height=32, width=32)]
     if train and flip:
-        steps.append(A.HorizontalFlip(p=0.5))
+        steps.append(A.HorizontalFlip(p=1.0 if always else 0.5))
     if train and rotate:
         steps.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,
-                              border_mode=cv2.BORDER_CONSTANT, fill=fill, p=0.5))
+                              border_mode=cv2.BORDER_CONSTANT, fill=fill, p=1.0 if always else 0.5))
     if train and cutout:  # Cutout = one square hole filled with the mean pixel
         steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout_size, cutout_size),
-                                     hole_width_range=(cutout_size, cutout_size), fill=fill, p=cutout_p))
+                                     hole_width_range=(cutout_size, cutout_size), fill=fill,
+                                     p=1.0 if always else cutout_p))
     if normalize:
         steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(steps)
@@ -409,14 +413,19 @@ class CifarData:
     source: str
 
 
+def load_test_split(data_dir="data", subset=None, seed=0, download=False):
+    """The test split; with a train SUBSET, a class-balanced fifth of that size (CIFAR's 5:1 ratio)."""
+    return load_cifar10(data_dir, train=False, download=download,
+                        subset=None if subset is None else max(10, subset // 5), seed=seed)
+
+
 def make_loaders(data_dir="data", subset=None, val_fraction=0.1, batch_size=512, crop=True, flip=True,
                  cutout=False, cutout_size=16, cutout_p=0.5, rotate=0, pad_mode="constant",
                  num_workers="auto", data_on_gpu=False, device="auto", seed=0, download=False):
     """Train (augmented), validation (carved from train) and test loaders for CIFAR-10."""
     device = get_device(device)
     x, y = load_cifar10(data_dir, train=True, download=download, subset=subset, seed=seed)
-    xt, yt = load_cifar10(data_dir, train=False, download=download,
-                          subset=None if subset is None else max(10, subset // 5), seed=seed)
+    xt, yt = load_test_split(data_dir, subset=subset, seed=seed, download=download)
     tr, va = train_val_split(y, val_fraction, seed=seed)
     aug = dict(crop=crop, flip=flip, cutout=cutout, cutout_size=cutout_size, cutout_p=cutout_p,
                rotate=rotate, pad_mode=pad_mode)
@@ -429,6 +438,11 @@ def make_loaders(data_dir="data", subset=None, val_fraction=0.1, batch_size=512,
                                train=train, num_workers=num_workers, device=device, seed=seed)
     return CifarData(train=loader(x[tr], y[tr], True), val=loader(x[va], y[va], False) if len(va) else None,
                      test=loader(xt, yt, False), test_images=xt, test_labels=yt, source=data_source(data_dir))
+
+
+def loaders_from_config(cfg, data_dir="data", device="auto", download=False):
+    """make_loaders with the data settings of an experiment config."""
+    return make_loaders(data_dir, device=device, download=download, **_kwargs_for(make_loaders, cfg))
 
 
 def denormalize(x, mean=CIFAR10_MEAN, std=CIFAR10_STD):
@@ -697,7 +711,7 @@ def evaluate(model, loader, criterion, device="cpu", dtype=None, channels_last=F
 
 def _new_history(steps_per_epoch):
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-            "epoch_time", "lr")
+            "train_time", "epoch_time", "lr")
     return {"steps_per_epoch": steps_per_epoch, **{k: [] for k in keys}}
 
 
@@ -757,6 +771,7 @@ def fit(model, train_loader, test_loader, val_loader=None, epochs=20, lr=0.1, mo
             done = f"{paths['last']} holds epoch {epoch}" if paths else "no checkpoint_dir was given"
             print(f"Interrupted during epoch {epoch + 1}: {done}; run again with resume=True to continue.")
             raise
+        train_time = time.perf_counter() - t0
         val_loss, val_acc = evaluate(model, val_loader, criterion, **run) if val_loader else (None, None)
         te_loss, te_acc = evaluate(model, test_loader, criterion, **run)
         metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc}
@@ -765,13 +780,14 @@ def fit(model, train_loader, test_loader, val_loader=None, epochs=20, lr=0.1, mo
         elif when == "metric":
             sched.step(metrics[plateau_metric])
         for k, v in [("epoch", epoch + 1), *metrics.items(), ("test_loss", te_loss), ("test_acc", te_acc),
-                     ("epoch_time", time.perf_counter() - t0)]:
+                     ("train_time", train_time), ("epoch_time", time.perf_counter() - t0)]:
             if v is not None:
                 history[k].append(v)
         val_txt = f" | val loss {val_loss:.4f} acc {val_acc:5.2f}%" if val_loader else ""
+        eta = np.mean(history["epoch_time"]) * (epochs - epoch - 1) / 60
         print(f"epoch {epoch + 1:3d}/{epochs} | train loss {tr_loss:.4f} acc {tr_acc:5.2f}%{val_txt} | "
               f"test loss {te_loss:.4f} acc {te_acc:5.2f}% | lr {history['lr'][-1]:.3g} | "
-              f"{history['epoch_time'][-1]:.1f}s")
+              f"{history['epoch_time'][-1]:.1f}s" + (f" | about {eta:.1f} min to go" if eta > 0 else ""))
         if paths:
             save_checkpoint(paths["last"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=sched.state_dict() if sched is not None else None,
@@ -877,7 +893,7 @@ def model_from_checkpoint(path, device="cpu"):
 BASE_CONFIG = dict(
     model="resnet18", norm="bn", last_stride=2,  # architecture
     epochs=20, batch_size=512,  # budget
-    lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,  # SGD; lr is OneCycle's max LR
+    lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,  # SGD; lr is OneCycle's max LR (see resolve_lr)
     loss="ce", label_smoothing=0.1,
     scheduler="onecycle", pct_start=0.25, step_size=50, gamma=0.1,  # step: every epoch
     plateau_metric="val_acc", patience=3, threshold=0.1, threshold_mode="abs", factor=0.1,
@@ -892,15 +908,20 @@ _SEED001 = dict(epochs=20, batch_size=256, nesterov=False, label_smoothing=0.0, 
                 cutout=True, rotate=5, step_size=None)  # step_size None: a third of the epochs
 EXPERIMENTS = {
     HEADLINE: dict(notebook="03"),
+    **{f"{HEADLINE}_seed{s}": dict(notebook="03", seed=s) for s in (1, 2)},
     "seed000_steplr_cropflip": dict(notebook="04", **_SEED000),
     "seed000_steplr_cutout": dict(notebook="04", **_SEED000, crop=False, flip=False, cutout=True),
     "seed003_plateau_stride1": dict(notebook="05", last_stride=1, scheduler="plateau", epochs=50, batch_size=128,
                                     lr=0.05, nesterov=False, label_smoothing=0.0, cutout=True),
-    **{f"seed001_{m}_{n}_{s}": dict(notebook="06", model=m, norm=n, scheduler=s, **_SEED001,
-                                    lr=0.1 if s != "onecycle" else 0.2)
+    **{f"seed001_{m}_{n}_{s}": dict(notebook="06", model=m, norm=n, scheduler=s, **_SEED001, lr=0.05)
        for m in ("resnet18", "resnet34") for n in ("bn", "ln") for s in ("onecycle", "step", "plateau")},
     "seed002_resnet50_onecycle": dict(notebook="06", model="resnet50", epochs=20),
 }
+
+
+def seed_experiment(name, seed):
+    """The name of an experiment's run with another seed: seed 0 keeps the plain name."""
+    return name if seed == 0 else f"{name}_seed{seed}"
 
 
 def experiment_config(name, **overrides):
@@ -917,8 +938,8 @@ def experiment_config(name, **overrides):
     return cfg
 
 
-def resolve_lr(lr=None, output_dir="outputs", batch_size=512, default=0.2):
-    """The LR to train with: lr if given, else the LR range test's (02) scaled to batch_size, else default."""
+def resolve_lr(lr=None, output_dir="outputs", batch_size=512, default=0.1):
+    """The LR to train with: lr if given, else the LR range test's (02) scaled linearly to batch_size, else default."""
     if lr is not None:
         return float(lr), f"LR {lr:g} (set in the parameters cell)"
     path = Path(output_dir) / "lr_finder.json"
@@ -978,7 +999,13 @@ def run_experiment(cfg, data_dir="data", output_dir="outputs", device="auto", da
     name = cfg["experiment"]
     ckpts = checkpoint_paths(output_dir / "checkpoints", name)
     done = load_results(output_dir).get(name)
-    if done and done["complete"] and done["config"] == cfg and ckpts["last"].exists() and not rerun:
+    if done and done["config"] != cfg:
+        changed = {k: (done["config"].get(k), v) for k, v in cfg.items() if done["config"].get(k) != v}
+        _archive_run(output_dir, name)
+        print(f"'{name}' was run with other settings ({changed}, as (before, now)); its files were moved to "
+              f"{output_dir / 'archive'} and it is trained again")
+        done = None
+    if done and done["complete"] and ckpts["last"].exists() and not rerun:
         print(f"'{name}' already finished ({done['epochs_run']} epochs, test acc {done['final_test_acc']:.2f}%); "
               f"loading it (rerun=True trains it again)")
         model, _ = model_from_checkpoint(ckpts["last"], device)
@@ -988,7 +1015,7 @@ def run_experiment(cfg, data_dir="data", output_dir="outputs", device="auto", da
             p.unlink(missing_ok=True)
     seed_everything(cfg["seed"])
     if data is None:
-        data = make_loaders(data_dir, device=device, download=download, **_kwargs_for(make_loaders, cfg))
+        data = loaders_from_config(cfg, data_dir, device=device, download=download)
     model = build_model(cfg["model"], norm=cfg["norm"], last_stride=cfg["last_stride"])
     params = count_params(model)
     t0 = time.perf_counter()
@@ -1006,6 +1033,16 @@ def run_experiment(cfg, data_dir="data", output_dir="outputs", device="auto", da
                         len(history["epoch"]) == cfg["epochs"])
     save_results(record, output_dir)
     return record, model
+
+
+def _archive_run(output_dir, name):
+    """Move an experiment's results file and checkpoints to OUTPUT_DIR/archive/<name>_<time>/."""
+    dest = Path(output_dir) / "archive" / f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = checkpoint_paths(Path(output_dir) / "checkpoints", name)
+    for path in (Path(output_dir) / "results" / f"{name}.json", paths["last"], paths["best"]):
+        if path.exists():
+            os.replace(path, dest / path.name)
 
 
 def _fmt(value, fmt="{:.2f}"):
@@ -1064,7 +1101,7 @@ class LRFinderResult:
 
 
 def suggest_lrs(lrs, losses, skip_start=10, skip_end=5):
-    """Suggested LRs: 'steepest' (torch-lr-finder's rule), 'valley' (fastai's default), 'minimum/10'."""
+    """Suggested LRs: 'steepest' (torch-lr-finder), 'valley' (fastai's default), 'minimum' and 'minimum/10'."""
     need = skip_start + skip_end + 2
     if len(lrs) < need:
         raise ValueError(f"the range test recorded {len(lrs)} points, {need} are needed to suggest an LR "
@@ -1082,8 +1119,9 @@ def suggest_lrs(lrs, losses, skip_start=10, skip_end=5):
                 max_end, max_start = i, i - lds[i]
     sections = (max_end - max_start) / 3
     valley = max_start + int(sections) + int(sections / 2)
-    return {"steepest": float(lrs[steepest]), "valley": float(lrs[valley]),
-            "minimum/10": float(lrs[int(losses.argmin())] / 10)}
+    lowest = float(lrs[int(losses.argmin())])  # where the loss stops falling: Smith's upper bound
+    return {"steepest": float(lrs[steepest]), "valley": float(lrs[valley]), "minimum": lowest,
+            "minimum/10": lowest / 10}
 
 
 def find_lr(model, optimizer, criterion, train_loader, end_lr=10, num_iter=100, step_mode="exp", val_loader=None,
@@ -1204,7 +1242,8 @@ def save_figure(fig, images_dir, name, dpi=120):
 
 def _grid(n, ncols, size=1.6):
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes.flat
@@ -1212,7 +1251,7 @@ def _grid(n, ncols, size=1.6):
 
 def plot_class_counts(train_labels, test_labels, classes=CLASSES):
     """Bar chart of images per class in the train and test splits."""
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(9, 3.2), layout="constrained")
     x = np.arange(len(classes))
     for offset, (name, labels) in zip((-0.2, 0.2), (("train", train_labels), ("test", test_labels))):
         counts = np.bincount(labels, minlength=len(classes))
@@ -1228,7 +1267,8 @@ def plot_class_counts(train_labels, test_labels, classes=CLASSES):
 def plot_samples_per_class(images, labels, classes=CLASSES, per_class=8, seed=0):
     """A grid with one row per class of randomly chosen images."""
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.15))
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.15),
+                             layout="constrained")
     for c, name in enumerate(classes):
         idx = rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
         for j, i in enumerate(idx):
@@ -1243,7 +1283,7 @@ def plot_samples_per_class(images, labels, classes=CLASSES, per_class=8, seed=0)
 def plot_augmentations(images, pipelines, seed=0):
     """Each pipeline (name -> albumentations Compose without Normalize) applied to the same images."""
     fig, axes = plt.subplots(len(pipelines) + 1, len(images), figsize=(len(images) * 1.4, (len(pipelines) + 1) * 1.5),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     rows = [("original", None), *pipelines.items()]
     for r, (name, pipe) in enumerate(rows):
         if pipe is not None:
@@ -1260,7 +1300,7 @@ def plot_augmentations(images, pipelines, seed=0):
 
 def plot_history(history, title=""):
     """Loss and accuracy per epoch: train, validation and test on the same epoch axis."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     epochs = history["epoch"]
     for split, style in (("train", "-"), ("val", "--"), ("test", "-")):
         if history[f"{split}_loss"]:
@@ -1282,7 +1322,7 @@ def plot_history(history, title=""):
 
 def plot_lr_schedule(history, title="Learning rate used at every step"):
     """The LR actually used at every optimizer step, on an epoch axis."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
     steps = np.arange(len(history["lr"])) / max(1, history["steps_per_epoch"])
     ax.plot(steps, history["lr"])
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
@@ -1290,20 +1330,22 @@ def plot_lr_schedule(history, title="Learning rate used at every step"):
     return fig
 
 
-def plot_lr_finder(result, log_lr=True, title="LR range test"):
-    """Loss against LR with each suggestion marked."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot_lr_finder(result, log_lr=True, log_loss=False, title="LR range test"):
+    """Loss against LR with each suggestion marked (log_loss for curves that explode)."""
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     s, e = result.skip_start, len(result.lrs) - result.skip_end
     lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
     ax.plot(lrs, losses, color="0.75", label="skipped ends")
     ax.plot(lrs[s:e], losses[s:e], color="C0", label="loss (smoothed)")
-    for (rule, lr), marker, color in zip(result.suggestions.items(), "ovs", ("C3", "C2", "C1")):
+    for (rule, lr), marker, color in zip(result.suggestions.items(), "ovDs", ("C3", "C2", "C4", "C1")):
         i = int(np.argmin(np.abs(np.log(lrs[s:e]) - np.log(lr)))) + s
         ax.scatter(lrs[i], losses[i], marker=marker, s=80, color=color, zorder=3, label=f"{rule}: {lr:.3g}")
     if log_lr:
         ax.set_xscale("log")
-    top = losses[s:e].max()
-    ax.set_ylim(min(losses[s:e].min(), top) * 0.95, top * 1.05 if np.isfinite(top) else None)
+    if log_loss:
+        ax.set_yscale("log")
+    else:  # the kept range fills the plot; skipped ends may fall outside
+        ax.set_ylim(losses[s:e].min() * 0.95, losses[s:e].max() * 1.05)
     ax.set(xlabel="learning rate", ylabel="loss", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
@@ -1312,7 +1354,7 @@ def plot_lr_finder(result, log_lr=True, title="LR range test"):
 
 def plot_test_curves(records, title="Test accuracy per epoch, every run"):
     """Overlay the test-accuracy curves of several results records."""
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     for name, rec in records.items():
         h = rec["history"]
         if h["test_acc"]:
@@ -1321,6 +1363,21 @@ def plot_test_curves(records, title="Test accuracy per epoch, every run"):
     ax.grid(alpha=0.3)
     if records:
         ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_results_heatmap(records, rows=("model", "norm"), col="scheduler", value="final_test_acc"):
+    """Heatmap of one number per run (default final test accuracy), rows and columns from the configs."""
+    table = {}
+    for rec in records.values():
+        cfg = rec["config"]
+        table.setdefault(" / ".join(str(cfg[r]) for r in rows), {})[cfg[col]] = rec[value]
+    row_names, col_names = sorted(table), sorted({c for r in table.values() for c in r})
+    data = np.array([[table[r].get(c, np.nan) for c in col_names] for r in row_names], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 * len(col_names) + 2.5, 0.6 * len(row_names) + 1.5),
+                           layout="constrained")
+    sns.heatmap(data, annot=True, fmt=".2f", cmap="viridis", xticklabels=col_names, yticklabels=row_names, ax=ax)
+    ax.set(xlabel=col, ylabel=" / ".join(rows), title=value.replace("_", " ") + " %")
     return fig
 
 
@@ -1338,7 +1395,7 @@ def plot_confusion(cm, classes=CLASSES, normalize=False):
     """Confusion matrix heatmap (rows: actual, columns: predicted); normalize shows row fractions."""
     cm = np.asarray(cm, dtype=float)
     data = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
-    fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    fig, ax = plt.subplots(figsize=(7.5, 6.2), layout="constrained")
     sns.heatmap(data, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
                 yticklabels=classes, ax=ax, cbar=True, annot_kws={"fontsize": 7})
     ax.set(xlabel="predicted", ylabel="actual",
@@ -1348,7 +1405,7 @@ def plot_confusion(cm, classes=CLASSES, normalize=False):
 
 def plot_per_class(metrics, classes=CLASSES):
     """Per-class accuracy (recall) and precision as grouped bars."""
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5), layout="constrained")
     x = np.arange(len(classes))
     for offset, key in zip((-0.2, 0.2), ("accuracy", "precision")):
         bars = ax.bar(x + offset, metrics[key], width=0.4, label=key)
@@ -1379,7 +1436,7 @@ def plot_cam_pairs(images, cams_pred, cams_actual, preds, labels, classes=CLASSE
 def plot_cam_rows(images, rows, row_titles, alpha=0.5, title=""):
     """One row per method or layer (name -> maps [N, H, W]) over the same images, with the images on top."""
     fig, axes = plt.subplots(len(rows) + 1, len(images), figsize=(len(images) * 1.5, (len(rows) + 1) * 1.6),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for c, image in enumerate(images):
         img = to_display(image)
         axes[0, c].imshow(img)
@@ -1405,6 +1462,7 @@ class GradCAM:
     def __init__(self, model, target_layer):
         self.model, self.target_layer = model, target_layer
         self._handle, self._acts, self._grads = None, None, None
+        self.map_size = None  # (h, w) of the target layer's maps at the last call, before upsampling
 
     def __enter__(self):
         self._handle = self.target_layer.register_forward_hook(self._forward_hook)
@@ -1452,6 +1510,7 @@ class GradCAM:
             if self._acts is None or self._grads is None:
                 raise RuntimeError("the target layer saw no forward/backward pass; is it part of the model?")
             acts, grads = self._acts.float(), self._grads.float()  # (N, C, h, w)
+            self.map_size = tuple(acts.shape[-2:])
             cam = F.relu((self.channel_weights(acts, grads)[:, :, None, None] * acts).sum(1))  # (N, h, w)
             cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             return _minmax(cam).cpu()

@@ -50,7 +50,7 @@ def test_range_test_restores_model_and_optimizer(loader):
     for k, v in optimizer.state_dict()["state"].items():
         assert torch.equal(v["momentum_buffer"], momentum[k])
     torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)  # a scheduler can attach again
-    assert set(result.suggestions) == {"steepest", "valley", "minimum/10"}
+    assert set(result.suggestions) == {"steepest", "valley", "minimum", "minimum/10"}
     assert all(1e-5 <= v <= 1 for v in result.suggestions.values())
 
 
@@ -84,10 +84,12 @@ def test_valley_rule_is_the_middle_of_the_longest_descent():
     assert 30 + 60 / 3 <= i <= 30 + 2 * 60 / 3
 
 
-def test_minimum_rule_is_a_tenth_of_the_lowest_loss():
+def test_minimum_rules_are_the_lowest_loss_and_a_tenth_of_it():
     lrs = np.logspace(-4, 0, 50)
     losses = (np.arange(50) - 40.0) ** 2
-    assert H.suggest_lrs(lrs, losses, 0, 0)["minimum/10"] == pytest.approx(lrs[40] / 10)
+    rules = H.suggest_lrs(lrs, losses, 0, 0)
+    assert rules["minimum"] == pytest.approx(lrs[40]) and rules["minimum/10"] == pytest.approx(lrs[40] / 10)
+    assert H.suggest_lrs(lrs, losses, 0, 12)["minimum"] == pytest.approx(lrs[37])  # skipped ends do not count
 
 
 def test_short_or_diverged_runs_give_clear_messages(loader):
@@ -120,3 +122,15 @@ def test_found_lr_flows_into_training(tmp_path):
     assert lr == 0.5 and "default" in why
     with pytest.raises(ValueError, match="valley, steepest"):
         H.save_lr_choice(result, rule="fastest", output_dir=tmp_path)
+
+
+def test_range_test_and_fit_take_the_device_side_loader(fake_cifar):
+    x, y = H.load_cifar10(fake_cifar)
+    train = H.GPULoader(x, y, batch_size=20, train=True, device="cpu", cutout=True)
+    test = H.GPULoader(*H.load_cifar10(fake_cifar, train=False), batch_size=25, device="cpu")
+    model = TinyBN()
+    result = H.find_lr(model, H.make_optimizer(model, lr=1e-4), nn.CrossEntropyLoss(), train, end_lr=1, num_iter=20,
+                       skip_start=2, skip_end=2)
+    assert len(result.lrs) == 20
+    h = H.fit(model, train, test, epochs=2, lr=0.1, device="cpu", progress=False)
+    assert len(h["lr"]) == 2 * len(train) and len(h["test_acc"]) == 2

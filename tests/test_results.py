@@ -80,3 +80,16 @@ def test_run_experiment_writes_results_and_skips_a_finished_run(fake_cifar, tmp_
     assert again["finished_at"] == saved["finished_at"]
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert (a.cpu() == b.cpu()).all()
+
+
+def test_changed_settings_archive_the_old_run_and_train_again(fake_cifar, tmp_path, capsys):
+    cfg = H.experiment_config(H.HEADLINE, epochs=1, subset=60, batch_size=16, num_workers=0, lr=0.05)
+    H.run_experiment(cfg, data_dir=fake_cifar, output_dir=tmp_path, device="cpu", progress=False)
+    changed = {**cfg, "epochs": 2}
+    rec, _ = H.run_experiment(changed, data_dir=fake_cifar, output_dir=tmp_path, device="cpu", progress=False)
+    assert "'epochs': (1, 2)" in capsys.readouterr().out
+    assert rec["complete"] and rec["epochs_run"] == 2
+    archived = list((tmp_path / "archive").iterdir())
+    assert len(archived) == 1
+    assert {p.name for p in archived[0].iterdir()} == {f"{H.HEADLINE}.json", f"{H.HEADLINE}_last.pt",
+                                                        f"{H.HEADLINE}_best.pt"}

@@ -1,0 +1,87 @@
+"""Grad-CAM speed: ours vs pytorch-grad-cam, same model, inputs and layer, measured in one run.
+
+    python benchmarks/bench_gradcam.py [--images 25] [--layer layer3] [--repeats 20] [--checkpoint PATH]
+
+Times the whole call (forward, backward, maps at input size in [0, 1]) for Grad-CAM and Grad-CAM++ on a
+ResNet18 (a trained checkpoint if given, else a random one with the classifier scaled so maps are not tiny),
+checks the two agree, and writes a JSON record to benchmarks/results/.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import helpers as H  # noqa: E402
+
+
+def timed(fn, repeats):
+    """Median seconds of fn() over repeats runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=25)
+    ap.add_argument("--layer", default="layer3")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    device = H.get_device(a.device)
+    torch.manual_seed(0)
+    if a.checkpoint:
+        model, _ = H.model_from_checkpoint(a.checkpoint, device)
+    else:
+        model = H.build_model("resnet18").to(device).eval()
+        with torch.no_grad():
+            model.linear.weight.mul_(1e3)
+    x = torch.randn(a.images, 3, 32, 32, device=device)
+    targets = torch.randint(0, 10, (a.images,)).tolist()
+    layer = getattr(model, a.layer)
+    rows = {}
+    for ours_cls, ref_name in ((H.GradCAM, "GradCAM"), (H.GradCAMPlusPlus, "GradCAMPlusPlus")):
+        with ours_cls(model, layer) as ours, getattr(pytorch_grad_cam, ref_name)(model, [layer]) as ref:
+            ref_targets = [ClassifierOutputTarget(t) for t in targets]
+            diff = np.abs(ours(x, targets).numpy() - ref(x, ref_targets)).max()
+            t_ours = timed(lambda: ours(x, targets), a.repeats)
+            t_ref = timed(lambda: ref(x, [ClassifierOutputTarget(t) for t in targets]), a.repeats)
+        rows[ref_name] = {"ours_ms": 1e3 * t_ours, "pytorch_grad_cam_ms": 1e3 * t_ref,
+                          "ratio_ref_over_ours": t_ref / t_ours, "max_abs_diff": float(diff)}
+    hw = H.device_name(device)
+    print(f"{a.images} images, ResNet18 {a.layer}, median of {a.repeats}, on {hw}")
+    print(f"{'method':>16} {'ours ms':>9} {'pytorch-grad-cam ms':>20} {'theirs / ours':>14} {'max |diff|':>11}")
+    for name, r in rows.items():
+        print(f"{name:>16} {r['ours_ms']:>9.1f} {r['pytorch_grad_cam_ms']:>20.1f} {r['ratio_ref_over_ours']:>13.2f}x "
+              f"{r['max_abs_diff']:>11.1e}")
+    record = {"benchmark": "gradcam", "machine": hw, "images": a.images, "layer": a.layer, "repeats": a.repeats,
+              "checkpoint": a.checkpoint, "results": rows, "versions": H.versions(),
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = ROOT / "benchmarks" / "results" / f"gradcam_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The headline recipe vs a seed-style baseline, in one process on one device.
+
+    python benchmarks/bench_recipe.py --quick [--steps 8]               # any machine: throughput only
+    python benchmarks/bench_recipe.py [--epochs 20] [--baseline-epochs 20] # a GPU: full training runs
+
+The recipe is notebook 03's configuration (batch 512, OneCycle, Nesterov, label smoothing, mixed precision and
+channels_last on CUDA, optionally data on the GPU). The baseline is what the seeds ran: fp32, batch 128,
+per-sample CPU augmentation, SGD 0.1 / momentum 0.9 / weight decay 5e-4 (StepLR every 50 epochs, so a constant
+LR within a 20-epoch budget).
+
+--quick measures, for both, the input pipeline alone (images/s out of the train loader) and the training step
+alone (images/s of forward + backward + update on batches already in memory), and prints the ratios.
+Without --quick both are trained and evaluated every epoch: images/s, epoch time, test accuracy per epoch and
+the wall time to first reach 90%, 93% and 94%. A JSON record goes to benchmarks/results/.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import helpers as H  # noqa: E402
+
+TARGETS = (90.0, 93.0, 94.0)
+
+
+def configs(a):
+    """(recipe, baseline) experiment configs."""
+    lr, why = H.resolve_lr(a.lr, a.output_dir, batch_size=512)
+    print(f"recipe: {why}")
+    common = dict(subset=a.subset, num_workers=a.workers, seed=a.seed)
+    recipe = H.experiment_config(H.HEADLINE, epochs=a.epochs, lr=lr, data_on_gpu=a.data_on_gpu, **common)
+    baseline = H.experiment_config(H.HEADLINE, epochs=a.baseline_epochs, batch_size=128, lr=0.1, nesterov=False,
+                                   label_smoothing=0.0, scheduler="step", step_size=50, amp=False,
+                                   channels_last=False, data_on_gpu=False, **common)
+    baseline["experiment"] = "seed_style_baseline"
+    return recipe, baseline
+
+
+def input_rate(loader, batches, warmup=2):
+    """Images per second coming out of a train loader."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(it)
+        n += len(x)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def step_rate(cfg, device, steps):
+    """Images per second of training steps on in-memory batches (the same train_one_epoch as fit)."""
+    model = H.build_model(cfg["model"]).to(device)
+    channels_last = cfg["channels_last"] and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    dtype = H.amp_dtype(device) if cfg["amp"] else None
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    opt = H.make_optimizer(model, lr=0.01, nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
+    criterion = H.make_criterion(cfg["loss"], cfg["label_smoothing"])
+    batch = (torch.randn(cfg["batch_size"], 3, 32, 32, device=device),
+             torch.randint(0, 10, (cfg["batch_size"],), device=device))
+    run = dict(device=device, dtype=dtype, channels_last=channels_last, scaler=scaler, progress=False)
+    H.train_one_epoch(model, [batch] * 2, opt, criterion, **run)  # warm-up (cudnn autotuning)
+    t0 = time.perf_counter()
+    H.train_one_epoch(model, [batch] * steps, opt, criterion, **run)  # ends in .item(): synchronised
+    return steps * cfg["batch_size"] / (time.perf_counter() - t0)
+
+
+def time_to(history, target):
+    """Wall time (train + evaluation) until test accuracy first reaches target, or None."""
+    elapsed = np.cumsum(history["epoch_time"])
+    for acc, t in zip(history["test_acc"], elapsed):
+        if acc >= target:
+            return float(t)
+    return None
+
+
+def full_run(cfg, device, data_dir):
+    data = H.loaders_from_config(cfg, data_dir, device=device)
+    H.seed_everything(cfg["seed"])
+    model = H.build_model(cfg["model"])
+    fit_args = {k: v for k, v in H._kwargs_for(H.fit, cfg).items() if k not in ("device", "experiment")}
+    h = H.fit(model, data.train, data.test, val_loader=data.val, device=device, progress=False, **fit_args)
+    n = len(data.train.dataset) if hasattr(data.train.dataset, "__len__") else 0
+    return {"history": h, "train_images_per_s": n * len(h["epoch"]) / sum(h["train_time"]),
+            "epoch_time_s": float(np.mean(h["epoch_time"])), "final_test_acc": h["test_acc"][-1],
+            "time_to": {str(t): time_to(h, t) for t in TARGETS}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--output-dir", default="outputs", help="where 02's lr_finder.json is (the recipe's LR)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="throughput only (for a CPU)")
+    ap.add_argument("--steps", type=int, default=8, help="--quick: batches timed per measurement")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--baseline-epochs", type=int, default=20)
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--workers", default="auto")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-on-gpu", action="store_true")
+    a = ap.parse_args()
+    device = H.get_device(a.device)
+    recipe, baseline = configs(a)
+    hw = H.device_name(device)
+    record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
+              "configs": {"recipe": recipe, "baseline": baseline}, "versions": H.versions(),
+              "data": H.data_source(a.data_dir), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if a.quick:
+        rows = {}
+        for name, cfg in (("recipe", recipe), ("baseline", baseline)):
+            data = H.loaders_from_config(cfg, a.data_dir, device=device)
+            rows[name] = {"input_images_per_s": input_rate(data.train, a.steps),
+                          "step_images_per_s": step_rate(cfg, device, a.steps)}
+        record["results"] = rows
+        print(f"recipe vs seed-style baseline, throughput only ({a.steps} batches each), on {hw}")
+        print(f"{'':>10} {'batch':>6} {'input pipeline img/s':>21} {'training step img/s':>20}")
+        for name, cfg in (("recipe", recipe), ("baseline", baseline)):
+            r = rows[name]
+            print(f"{name:>10} {cfg['batch_size']:>6} {r['input_images_per_s']:>21,.0f} "
+                  f"{r['step_images_per_s']:>20,.0f}")
+        for key in ("input_images_per_s", "step_images_per_s"):
+            record[f"ratio_{key}"] = rows["recipe"][key] / rows["baseline"][key]
+            print(f"ratio recipe / baseline, {key.replace('_', ' ')}: {record[f'ratio_{key}']:.2f}x")
+    else:
+        rows = {name: full_run(cfg, device, a.data_dir) for name, cfg in (("recipe", recipe), ("baseline", baseline))}
+        record["results"] = rows
+        print(f"recipe ({recipe['epochs']} epochs) vs seed-style baseline ({baseline['epochs']} epochs), on {hw}")
+        head = f"{'':>10} {'train img/s':>12} {'epoch s':>8} {'final test %':>13}"
+        print(head + "".join(f" {'to ' + str(t) + '%':>10}" for t in TARGETS))
+        for name, r in rows.items():
+            reach = "".join(f" {(f'{v / 60:.1f} min' if v else 'never'):>10}" for v in r["time_to"].values())
+            print(f"{name:>10} {r['train_images_per_s']:>12,.0f} {r['epoch_time_s']:>8.1f} {r['final_test_acc']:>13.2f}"
+                  + reach)
+        for name, r in rows.items():
+            print(f"{name} test accuracy per epoch: " + ", ".join(f"{v:.1f}" for v in r["history"]["test_acc"]))
+        ratio = rows["baseline"]["epoch_time_s"] / rows["recipe"]["epoch_time_s"]
+        record["ratio_epoch_time_baseline_over_recipe"] = ratio
+        print(f"epoch time ratio baseline / recipe: {ratio:.2f}x")
+    out = ROOT / "benchmarks" / "results" / f"recipe_{'quick_' if a.quick else ''}{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
