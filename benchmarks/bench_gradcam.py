@@ -77,7 +77,7 @@ def main():
     record = {"benchmark": "gradcam", "machine": hw, "images": a.images, "layer": a.layer, "repeats": a.repeats,
               "checkpoint": a.checkpoint, "results": rows, "versions": H.versions(),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = ROOT / "benchmarks" / "results" / f"gradcam_{device.type}.json"
+    out = ROOT / "benchmarks" / "results" / f"gradcam_{device.type}_{a.layer}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")
