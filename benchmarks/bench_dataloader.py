@@ -54,6 +54,8 @@ def images_per_second(loader, batches, warmup=3):
     for _ in range(batches):
         x, _ = next(it)
         n += len(x)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU loader's batches are ready only when its kernels are done
     return n / (time.perf_counter() - t0)
 
 

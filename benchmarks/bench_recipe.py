@@ -25,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_dataloader import images_per_second  # noqa: E402  (same folder)
+
 import helpers as H  # noqa: E402
 
 TARGETS = (90.0, 93.0, 94.0)
@@ -41,20 +43,6 @@ def configs(a):
                                    channels_last=False, data_on_gpu=False, **common)
     baseline["experiment"] = "seed_style_baseline"
     return recipe, baseline
-
-
-def input_rate(loader, batches, warmup=2):
-    """Images per second coming out of a train loader."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(batches):
-        x, _ = next(it)
-        n += len(x)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def step_rate(cfg, device, steps):
@@ -123,7 +111,7 @@ def main():
         rows = {}
         for name, cfg in (("recipe", recipe), ("baseline", baseline)):
             data = H.loaders_from_config(cfg, a.data_dir, device=device)
-            rows[name] = {"input_images_per_s": input_rate(data.train, a.steps),
+            rows[name] = {"input_images_per_s": images_per_second(data.train, a.steps, warmup=2),
                           "step_images_per_s": step_rate(cfg, device, a.steps)}
         record["results"] = rows
         print(f"recipe vs seed-style baseline, throughput only ({a.steps} batches each), on {hw}")
