@@ -45,6 +45,14 @@ def torchvision_pipeline():
                       T.RandomErasing(p=0.5, scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0)])
 
 
+def write_record(record, name):
+    """Write a benchmark's record to benchmarks/results/<name> as JSON and say where."""
+    out = ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
 def images_per_second(loader, batches, warmup=3):
     """Iterate warmup + batches batches; images per second over the timed ones."""
     it = iter(loader)
@@ -103,10 +111,7 @@ def main():
               "batches": a.batches, "images_per_s": best, "all_runs": results, "ratio_ours_over_torchvision": ratio,
               "batched_device": str(gpu_dev), "versions": H.versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "data": H.data_source(a.data_dir)}
-    out = ROOT / "benchmarks" / "results" / f"dataloader_{gpu_dev.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_record(record, f"dataloader_{gpu_dev.type}.json")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ checks the two agree, and writes a JSON record to benchmarks/results/.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_dataloader import write_record  # noqa: E402  (same folder)
+
 import helpers as H  # noqa: E402
 
 
@@ -77,10 +78,7 @@ def main():
     record = {"benchmark": "gradcam", "machine": hw, "images": a.images, "layer": a.layer, "repeats": a.repeats,
               "checkpoint": a.checkpoint, "results": rows, "versions": H.versions(),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = ROOT / "benchmarks" / "results" / f"gradcam_{device.type}_{a.layer}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_record(record, f"gradcam_{device.type}_{a.layer}.json")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ the wall time to first reach 90%, 93% and 94%. A JSON record goes to benchmarks/
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_dataloader import images_per_second  # noqa: E402  (same folder)
+from bench_dataloader import images_per_second, write_record  # noqa: E402  (same folder)
 
 import helpers as H  # noqa: E402
 
@@ -138,10 +137,7 @@ def main():
         ratio = rows["baseline"]["epoch_time_s"] / rows["recipe"]["epoch_time_s"]
         record["ratio_epoch_time_baseline_over_recipe"] = ratio
         print(f"epoch time ratio baseline / recipe: {ratio:.2f}x")
-    out = ROOT / "benchmarks" / "results" / f"recipe_{'quick_' if a.quick else ''}{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_record(record, f"recipe_{'quick_' if a.quick else ''}{device.type}.json")
 
 
 if __name__ == "__main__":
