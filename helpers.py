@@ -1,17 +1,14 @@
 """helpers.py: the one module every notebook imports.
 
-ResNets on CIFAR-10 for teaching: data and augmentation, CIFAR ResNets, a training loop with
-checkpoints, the LR range test, evaluation, plots and Grad-CAM. Sections, in order:
-setup, data, models, training, checkpoints, experiments and results, LR finder, evaluation,
-plots, Grad-CAM. Accuracies are in percent everywhere; images are uint8 HWC RGB until they
-are normalised into float CHW tensors.
+Each idea here is first written out and explained in a notebook (named in its docstring), then reused
+from this module. Sections, in teaching order: setup, data (01), models (03), training with checkpoints
+(03-05), results, LR finder (02), evaluation (07), plots, Grad-CAM (07). Accuracies are in percent;
+images are uint8 HWC RGB until they are normalised into float CHW tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import io
 import json
 import math
@@ -19,9 +16,9 @@ import os
 import pickle
 import platform
 import random
-import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -114,14 +111,39 @@ def _choice(value, valid, what):
     return value
 
 
-def _kwargs_for(fn, cfg):
-    """The entries of cfg that are optional (defaulted) parameters of fn."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in cfg.items() if k in params and params[k].default is not inspect.Parameter.empty}
+# name: (kind, low, high, None allowed). Kinds: "int" (whole numbers), "float", "workers" (int or "auto").
+PARAMETER_RULES = {
+    "EPOCHS": ("int", 1, 1000, False), "SUBSET": ("int", 20, 50_000, True), "BATCH_SIZE": ("int", 2, 4096, False),
+    "SEED": ("int", 0, 2**31 - 1, False), "N_SEEDS": ("int", 1, 10, False), "LR": ("float", 1e-6, 10.0, True),
+    "VAL_FRACTION": ("float", 0.0, 0.5, False), "MOMENTUM": ("float", 0.0, 0.999, False),
+    "WEIGHT_DECAY": ("float", 0.0, 0.1, False), "LABEL_SMOOTHING": ("float", 0.0, 0.5, False),
+    "PCT_START": ("float", 0.05, 0.95, False), "GAMMA": ("float", 1e-4, 1.0, False),
+    "STEP_SIZE": ("int", 1, 1000, False), "PATIENCE": ("int", 0, 100, False), "FACTOR": ("float", 1e-4, 0.99, False),
+    "NUM_WORKERS": ("workers", 0, 32, False),
+    "NUM_ITER": ("int", 20, 10_000, False), "N_CAM": ("int", 1, 1000, False), "ALPHA": ("float", 0.0, 1.0, False),
+}
+
+
+def check_parameters(**params):
+    """Check notebook parameters against PARAMETER_RULES before any time is spent; one error lists every bad one."""
+    problems = []
+    for name, value in params.items():
+        kind, low, high, none_ok = PARAMETER_RULES[name]
+        if value is None and none_ok:
+            continue
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        ok = (whole or (kind == "float" and isinstance(value, float) and math.isfinite(value))
+              or (kind == "workers" and value == "auto"))
+        if not ok or (value != "auto" and not low <= value <= high):
+            what = {"int": "a whole number", "float": "a number", "workers": '"auto" or a whole number'}[kind]
+            problems.append(f"{name} must be {what} from {low:g} to {high:g}{' (or None)' if none_ok else ''}, "
+                            f"got {value!r}")
+    if problems:
+        raise ValueError("bad parameter(s) in the parameters cell:\n  " + "\n  ".join(problems))
 
 
 # =============================================================================================
-# Data
+# Data (notebook 01)
 # =============================================================================================
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -130,52 +152,71 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the true per-channel std (not kuangliu
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-_TEST_FILES = ("test_batch",)
-_OFFICIAL_MD5 = {  # torchvision's list; used only to say which copy of CIFAR-10 a run used
-    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
-}
+# What a CIFAR-10 batch pickle may name: numpy's array rebuilders, nothing that can run other code.
+_PICKLE_ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                   *{(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                     for n in ("_reconstruct", "scalar")},
+                   *{(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a batch file cannot run code."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_ALLOWED:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core is numpy._core since 2.0
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load '{module}.{name}': a CIFAR-10 batch holds only plain data")
 
 
 def _missing_data_message(folder, missing):
     return (f"CIFAR-10 not found: {folder} has no {missing}. Put CIFAR-10's python-format batches "
             f"there (data_batch_1 ... data_batch_5, test_batch, batches.meta: the folder "
-            f"'cifar-10-batches-py' inside {CIFAR10_URL}), or set download=True where there is internet.")
+            f"'cifar-10-batches-py' inside {CIFAR10_URL}), or set DOWNLOAD = True where there is internet.")
 
 
 def _download_cifar10(root):
     """Download and extract CIFAR-10 into root with torchvision's utility."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    folder = Path(root) / "cifar-10-batches-py"
     try:
         download_and_extract_archive(CIFAR10_URL, download_root=str(root), md5=CIFAR10_MD5)
     except Exception as err:  # URLError, timeouts, bad archive: one clear message instead
-        raise FileNotFoundError(f"{_missing_data_message(folder, 'batch files')} The download "
-                                f"failed ({type(err).__name__}: {err}).") from None
+        raise FileNotFoundError(f"{_missing_data_message(Path(root) / 'cifar-10-batches-py', 'batch files')} "
+                                f"The download failed ({type(err).__name__}: {err}).") from None
 
 
 def _read_batch(path):
-    """Read one CIFAR-10 python batch file into (uint8 [N, 32, 32, 3], int64 [N])."""
+    """Read one CIFAR-10 python batch file into (uint8 [N, 32, 32, 3], int64 [N]), checking its values."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-            raise ValueError(f"data has shape {data.shape} for {len(labels)} labels")
-    except Exception as err:  # truncated pickle, wrong keys, wrong shapes
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except pickle.UnpicklingError as err:
+        if "refused" in str(err):
+            raise ValueError(f"{path} is not a plain CIFAR-10 batch: {err}. Nothing was run; fetch CIFAR-10 again "
+                             f"from its official address") from None
+        raise ValueError(f"{path} is truncated or corrupt ({err}); delete the 'cifar-10-batches-py' folder and "
+                         f"fetch CIFAR-10 again") from None
+    except Exception as err:  # truncated pickle, wrong keys
         raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete the "
                          f"'cifar-10-batches-py' folder and fetch CIFAR-10 again") from None
+    if data.dtype != np.uint8:
+        raise ValueError(f"{path}: pixels must be uint8 (0-255), got {data.dtype}; this is not CIFAR-10's format")
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise ValueError(f"{path}: data has shape {data.shape} for {len(labels)} labels; expected [N, 3072]")
+    if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
+        raise ValueError(f"{path}: labels must be whole numbers 0-9, got {labels.dtype} from "
+                         f"{labels.min() if len(labels) else '-'} to {labels.max() if len(labels) else '-'}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, H, W, C)
-    return np.ascontiguousarray(images), labels
+    return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
 def load_cifar10(root="data", train=True, download=False, subset=None, seed=0):
-    """Load CIFAR-10 from root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N])."""
+    """Load CIFAR-10 from root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]) (01)."""
     folder = Path(root) / "cifar-10-batches-py"
-    names = _TRAIN_FILES if train else _TEST_FILES
+    names = _TRAIN_FILES if train else ("test_batch",)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing and download:
         _download_cifar10(root)
@@ -191,258 +232,162 @@ def load_cifar10(root="data", train=True, download=False, subset=None, seed=0):
     return images, labels
 
 
-def data_source(root="data"):
-    """Say which copy of CIFAR-10 is in root: the official files (by md5) or another copy."""
-    folder = Path(root) / "cifar-10-batches-py"
-    for name, md5 in _OFFICIAL_MD5.items():
-        path = folder / name
-        if not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != md5:
-            return "CIFAR-10, non-official copy (e.g. the JPEG-decoded copy)"
-    return "CIFAR-10, official files"
-
-
-def balanced_subset(labels, n, seed=0):
-    """Sorted indices of n samples with the classes as equal as possible (random within a class)."""
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    rng = np.random.default_rng(seed)
-    base, extra = divmod(int(n), len(classes))
-    keep = []
-    for i, c in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        take = min(len(idx), base + (i < extra))
-        keep.append(rng.choice(idx, size=take, replace=False))
-    return np.sort(np.concatenate(keep))
-
-
-def train_val_split(labels, val_fraction=0.1, seed=0):
-    """Stratified split of the train split into (train indices, validation indices)."""
-    labels = np.asarray(labels)
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        val.append(idx[: int(round(val_fraction * len(idx)))])
-    val = np.sort(np.concatenate(val))
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    return train, val
-
-
-def dataset_mean_std(images):
-    """Per-channel mean and std of uint8 [N, H, W, C] images, in [0, 1] units."""
-    flat = np.asarray(images).reshape(-1, images.shape[-1])
-    total = np.zeros(flat.shape[1])
-    total_sq = np.zeros(flat.shape[1])
-    for start in range(0, len(flat), 1 << 22):  # chunks keep float64 memory small
-        chunk = flat[start:start + (1 << 22)].astype(np.float64) / 255.0
-        total += chunk.sum(0)
-        total_sq += (chunk**2).sum(0)
-    mean = total / len(flat)
-    std = np.sqrt(total_sq / len(flat) - mean**2)
-    return tuple(mean.round(6).tolist()), tuple(std.round(6).tolist())
-
-
-def build_transforms(train=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop=True, flip=True,
-                     cutout=False, cutout_size=16, cutout_p=0.5, rotate=0, pad=4,
-                     pad_mode="constant", normalize=True, always=False):
-    """An albumentations 2.x pipeline; the test pipeline (train=False) only normalises.
-
-    always=True applies every chosen augmentation with probability 1 (for previews).
-    """
-    border = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101}[
-        _choice(pad_mode, ("constant", "reflect"), "pad_mode")]
-    fill = tuple(255.0 * m for m in mean)  # the dataset mean in pixel space (before Normalize)
-    steps = []
-    if train and crop:  # pad 4 then random 32x32 crop; padding is black (or mirrored)
-        steps += [A.PadIfNeeded(min_height=32 + 2 * pad, min_width=32 + 2 * pad, position="center",
-                                border_mode=border, fill=0),
-                  A.RandomCrop(height=32, width=32)]
-    if train and flip:
-        steps.append(A.HorizontalFlip(p=1.0 if always else 0.5))
-    if train and rotate:
-        steps.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,
-                              border_mode=cv2.BORDER_CONSTANT, fill=fill, p=1.0 if always else 0.5))
-    if train and cutout:  # Cutout = one square hole filled with the mean pixel
-        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout_size, cutout_size),
-                                     hole_width_range=(cutout_size, cutout_size), fill=fill,
-                                     p=1.0 if always else cutout_p))
-    if normalize:
-        steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-    return A.Compose(steps)
-
-
-class CIFARDataset(Dataset):
-    """Numpy images + labels with an albumentations pipeline; augmentations are seeded per epoch."""
-
-    def __init__(self, images, labels, transform=None):
-        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
-        self._epoch_seed = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by workers
-        self._seeded = None
-
-    def set_epoch(self, seed, epoch):
-        """Make this epoch's augmentations a function of (seed, epoch) in every worker."""
-        self._epoch_seed[0] = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-    def _reseed(self):
-        key = int(self._epoch_seed[0])
-        if self.transform is not None and key != self._seeded:
-            info = torch.utils.data.get_worker_info()
-            worker = info.id if info else 0
-            self.transform.set_random_seed(int(np.random.SeedSequence([key, worker]).generate_state(1)[0]))
-            self._seeded = key
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        self._reseed()
-        image = self.images[i]
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        return image, int(self.labels[i])
-
-
-class EpochLoader(DataLoader):
-    """A DataLoader whose order and augmentations depend only on (seed, epoch): resumes repeat them."""
-
-    def __init__(self, dataset, seed=0, **kwargs):
-        self.seed = seed
-        super().__init__(dataset, generator=torch.Generator().manual_seed(seed), **kwargs)
-
-    def set_epoch(self, epoch):
-        """Reseed shuffling and augmentation for this epoch."""
-        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch, 1]).generate_state(1)[0]))
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.seed, epoch)
-
-
-def default_workers(device="cpu"):
-    """Loader workers: none when training on the CPU (they would compete), else up to 8."""
-    return 0 if get_device(device).type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def make_loader(images, labels, transform=None, batch_size=512, train=False, num_workers="auto",
-                device="cpu", seed=0, persistent_workers=True):
-    """DataLoader over numpy arrays: shuffled for train, fixed order for test."""
-    device = get_device(device)
-    workers = default_workers(device) if num_workers == "auto" else int(num_workers)
-    dataset = CIFARDataset(images, labels, transform)
-    return EpochLoader(dataset, seed=seed, batch_size=batch_size, shuffle=train,
-                       drop_last=train and len(dataset) % batch_size == 1,  # no batch of one for BN
-                       num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=persistent_workers and workers > 0)
-
-
-class GPULoader:
-    """The dataset kept on the device; crop, flip and Cutout done batched on device tensors."""
-
-    def __init__(self, images, labels, batch_size=512, train=False, device="cuda", mean=CIFAR10_MEAN,
-                 std=CIFAR10_STD, crop=True, flip=True, cutout=False, cutout_size=16, cutout_p=0.5,
-                 rotate=0, pad=4, pad_mode="constant", seed=0):
-        if rotate:
-            raise ValueError("rotate is not available with data_on_gpu=True; use the albumentations loader")
-        self.device = get_device(device)
-        self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # (N,C,H,W) uint8
-        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-        self.crop, self.flip, self.cutout = train and crop, train and flip, train and cutout
-        self.cutout_size, self.cutout_p, self.pad = cutout_size, cutout_p, pad
-        self.pad_mode = _choice(pad_mode, ("constant", "reflect"), "pad_mode")
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.dataset = self.images  # len(loader.dataset) works as for a DataLoader
-
-    def set_epoch(self, epoch):
-        """Reseed shuffling and augmentation for this epoch."""
-        self.epoch = epoch
-
-    def __len__(self):
-        n = len(self.labels)
-        return n // self.batch_size if self.train and n % self.batch_size == 1 else math.ceil(n / self.batch_size)
-
-    def _augment(self, x, gen):
-        n, _, h, w = x.shape
-        if self.crop:
-            mode = "constant" if self.pad_mode == "constant" else "reflect"
-            padded = F.pad(x, (self.pad,) * 4, mode=mode)
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), device=x.device, generator=gen)
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), device=x.device, generator=gen)
-            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N,1,H,1)
-            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N,1,1,W)
-            x = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                       torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
-        if self.flip:
-            do = torch.rand(n, device=x.device, generator=gen) < 0.5
-            x = torch.where(do[:, None, None, None], x.flip(3), x)
-        if self.cutout:
-            s = self.cutout_size
-            y0 = torch.randint(0, h - s + 1, (n, 1, 1), device=x.device, generator=gen)
-            x0 = torch.randint(0, w - s + 1, (n, 1, 1), device=x.device, generator=gen)
-            r = torch.arange(h, device=x.device).view(1, h, 1)
-            c = torch.arange(w, device=x.device).view(1, 1, w)
-            hole = (r >= y0) & (r < y0 + s) & (c >= x0) & (c < x0 + s)
-            hole &= (torch.rand(n, 1, 1, device=x.device, generator=gen) < self.cutout_p)
-            x = torch.where(hole[:, None], self.mean, x)  # the mean pixel, before normalising
-        return x
-
-    def __iter__(self):
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 1]).generate_state(1)[0]))
-        n = len(self.labels)
-        order = (torch.randperm(n, device=self.device, generator=gen) if self.train
-                 else torch.arange(n, device=self.device))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
-            if self.train:
-                x = self._augment(x, gen)
-            yield (x - self.mean) / self.std, self.labels[idx]
-
-
-@dataclass
-class CifarData:
-    """Everything a training or analysis notebook needs from the data."""
-
-    train: object
-    val: object
-    test: object
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    source: str
-
-
 def load_test_split(data_dir="data", subset=None, seed=0, download=False):
     """The test split; with a train SUBSET, a class-balanced fifth of that size (CIFAR's 5:1 ratio)."""
     return load_cifar10(data_dir, train=False, download=download,
                         subset=None if subset is None else max(10, subset // 5), seed=seed)
 
 
-def make_loaders(data_dir="data", subset=None, val_fraction=0.1, batch_size=512, crop=True, flip=True,
-                 cutout=False, cutout_size=16, cutout_p=0.5, rotate=0, pad_mode="constant",
-                 num_workers="auto", data_on_gpu=False, device="auto", seed=0, download=False):
-    """Train (augmented), validation (carved from train) and test loaders for CIFAR-10."""
+def balanced_subset(labels, n, seed=0):
+    """Sorted indices of n samples with the classes as equal as possible (random within a class)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if not 1 <= int(n) <= len(labels):
+        raise ValueError(f"SUBSET must be from 1 to {len(labels):,} (the images there are), got {n}")
+    rng = np.random.default_rng(seed)
+    counts = {c: int((labels == c).sum()) for c in classes}
+    base, extra = divmod(int(n), len(classes))
+    want = {c: base + (i < extra) for i, c in enumerate(classes)}
+    if any(want[c] > counts[c] for c in classes):
+        raise ValueError(f"SUBSET={n} needs {max(want.values())} images of every class; some class has fewer")
+    keep = [rng.choice(np.flatnonzero(labels == c), size=want[c], replace=False) for c in classes]
+    return np.sort(np.concatenate(keep))
+
+
+def train_val_split(labels, val_fraction=0.1, seed=0):
+    """Stratified split of the train split into (train indices, validation indices)."""
+    labels = np.asarray(labels)
+    if not 0 <= val_fraction <= 0.5:
+        raise ValueError(f"VAL_FRACTION must be from 0 to 0.5, got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    val = np.sort(np.concatenate([v[: int(round(val_fraction * len(v)))] for v in val]))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def dataset_mean_std(images):
+    """Per-channel mean and std of uint8 [N, H, W, C] images, in [0, 1] units (01)."""
+    channels = [np.asarray(images)[..., c] for c in range(images.shape[-1])]  # one channel at a time: less memory
+    mean = tuple(round(float(ch.mean(dtype=np.float64)) / 255, 6) for ch in channels)
+    std = tuple(round(float(ch.std(dtype=np.float64)) / 255, 6) for ch in channels)
+    return mean, std
+
+
+AUGMENT = {"crop": True, "flip": True, "cutout": 0, "rotate": 0}  # pad-4 crop + flip: the headline recipe
+
+
+def check_augment(aug):
+    """AUGMENT with the defaults filled in; unknown keys raise an error listing the valid ones."""
+    aug = {**AUGMENT, **(aug or {})}
+    unknown = set(aug) - set(AUGMENT)
+    if unknown:
+        raise ValueError(f"unknown augmentation {sorted(unknown)}; valid keys: {', '.join(AUGMENT)} "
+                         f"(crop: bool, flip: bool, cutout: hole size in px or 0, rotate: max degrees or 0)")
+    aug["cutout"] = 16 if aug["cutout"] is True else int(aug["cutout"] or 0)
+    return aug
+
+
+def make_transforms(aug=None, train=True, normalize=True, preview=False, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """An albumentations 2.x pipeline from an AUGMENT dict (01); the test pipeline only normalises.
+
+    preview=True applies every chosen augmentation with probability 1 (for figures).
+    """
+    aug = check_augment(aug)
+    p = 1.0 if preview else 0.5
+    fill = tuple(255.0 * m for m in mean)  # the dataset mean in pixel space (before Normalize)
+    steps = []
+    if train and aug["crop"]:  # pad 4 with black, then a random 32x32 crop
+        steps += [A.PadIfNeeded(min_height=40, min_width=40, position="center", border_mode=cv2.BORDER_CONSTANT,
+                                fill=0),
+                  A.RandomCrop(height=32, width=32)]
+    if train and aug["flip"]:
+        steps.append(A.HorizontalFlip(p=p))
+    if train and aug["rotate"]:
+        steps.append(A.Rotate(limit=(-aug["rotate"], aug["rotate"]), interpolation=cv2.INTER_LINEAR,
+                              border_mode=cv2.BORDER_CONSTANT, fill=fill, p=p))
+    if train and aug["cutout"]:  # Cutout = one square hole filled with the mean pixel
+        size = (aug["cutout"], aug["cutout"])
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=size, hole_width_range=size,
+                                     fill=fill, p=p))
+    if normalize:
+        steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps)
+
+
+class CIFARDataset(Dataset):
+    """Numpy images + labels, each passed through an albumentations pipeline."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return image, int(self.labels[i])
+
+
+def _epoch_seed(seed, epoch):
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_worker(worker_id):
+    """In each loader worker: seed the augmentations from torch's worker seed (set by the loader's generator)."""
+    info = torch.utils.data.get_worker_info()
+    if info.dataset.transform is not None:
+        info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
+def make_loader(images, labels, transform=None, batch_size=512, shuffle=False, num_workers="auto",
+                device="cpu", seed=0):
+    """A DataLoader over numpy arrays; set_epoch() makes each epoch's order and augmentations repeatable."""
     device = get_device(device)
+    workers = (0 if device.type == "cpu" else min(8, os.cpu_count() or 1)) if num_workers == "auto" else num_workers
+    dataset = CIFARDataset(images, labels, transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                        drop_last=shuffle and len(dataset) % batch_size == 1,  # no batch of one for BatchNorm
+                        pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(seed))
+    loader.seed = seed
+    return loader
+
+
+def set_epoch(loader, epoch):
+    """Reseed a make_loader loader: shuffling and augmentations become a function of (seed, epoch) only."""
+    if hasattr(loader, "set_epoch"):  # a loader that seeds itself (benchmarks/gpu_loader.py)
+        return loader.set_epoch(epoch)
+    seed = _epoch_seed(loader.seed, epoch)
+    loader.generator.manual_seed(seed)  # the shuffle order and every worker's seed come from it
+    if loader.num_workers == 0 and loader.dataset.transform is not None:
+        loader.dataset.transform.set_random_seed(seed)
+
+
+@dataclass
+class CifarData:
+    """Everything a training or analysis notebook needs from the data."""
+
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def make_data(data_dir="data", aug=None, batch_size=512, val_fraction=0.1, subset=None, seed=0,
+              num_workers="auto", device="auto", download=False):
+    """Train (augmented), validation (carved from train) and test loaders for CIFAR-10 (03)."""
     x, y = load_cifar10(data_dir, train=True, download=download, subset=subset, seed=seed)
     xt, yt = load_test_split(data_dir, subset=subset, seed=seed, download=download)
     tr, va = train_val_split(y, val_fraction, seed=seed)
-    aug = dict(crop=crop, flip=flip, cutout=cutout, cutout_size=cutout_size, cutout_p=cutout_p,
-               rotate=rotate, pad_mode=pad_mode)
-    if data_on_gpu:
-        def loader(xs, ys, train):
-            return GPULoader(xs, ys, batch_size=batch_size, train=train, device=device, seed=seed, **aug)
-    else:
-        def loader(xs, ys, train):
-            return make_loader(xs, ys, build_transforms(train=train, **aug), batch_size=batch_size,
-                               train=train, num_workers=num_workers, device=device, seed=seed)
-    return CifarData(train=loader(x[tr], y[tr], True), val=loader(x[va], y[va], False) if len(va) else None,
-                     test=loader(xt, yt, False), test_images=xt, test_labels=yt, source=data_source(data_dir))
-
-
-def loaders_from_config(cfg, data_dir="data", device="auto", download=False):
-    """make_loaders with the data settings of an experiment config."""
-    return make_loaders(data_dir, device=device, download=download, **_kwargs_for(make_loaders, cfg))
+    if len(va) and len(np.unique(y[va])) < 10:
+        raise ValueError(f"VAL_FRACTION={val_fraction} leaves no validation image for some class; raise it or SUBSET")
+    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, seed=seed)
+    train = make_loader(x[tr], y[tr], make_transforms(aug, train=True), shuffle=True, **common)
+    val = make_loader(x[va], y[va], make_transforms(train=False), **common) if len(va) else None
+    return CifarData(train, val, make_loader(xt, yt, make_transforms(train=False), **common), xt, yt)
 
 
 def denormalize(x, mean=CIFAR10_MEAN, std=CIFAR10_STD):
@@ -465,14 +410,14 @@ def to_display(image):
 
 
 # =============================================================================================
-# Models: the CIFAR ResNets of every seed (3x3 stride-1 stem, no max-pool)
+# Models: the CIFAR ResNets of every seed (3x3 stride-1 stem, no max-pool) (03, 05, 06)
 # =============================================================================================
 
 NORMS = ("bn", "ln", "gn")
 
 
 def make_norm(norm, channels, gn_groups=32):
-    """BatchNorm ("bn"), LayerNorm over C, H, W ("ln" = GroupNorm with one group) or GroupNorm ("gn")."""
+    """BatchNorm ("bn"), LayerNorm over C, H, W ("ln" = GroupNorm with one group) or GroupNorm ("gn") (06)."""
     _choice(norm, NORMS, "norm")
     if norm == "bn":
         return nn.BatchNorm2d(channels)
@@ -480,7 +425,7 @@ def make_norm(norm, channels, gn_groups=32):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet18/34)."""
+    """Two 3x3 convolutions with a residual connection (ResNet18/34) (03)."""
 
     expansion = 1
 
@@ -490,7 +435,7 @@ class BasicBlock(nn.Module):
         self.norm1 = make_norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.norm2 = make_norm(norm, planes)
-        self.shortcut = nn.Sequential()
+        self.shortcut = nn.Sequential()  # identity, or a 1x1 conv where the shape changes
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                                           make_norm(norm, planes))
@@ -502,7 +447,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 down, 3x3, 1x1 up (x4) with a residual connection (ResNet50)."""
+    """1x1 down, 3x3, 1x1 up (x4) with a residual connection (ResNet50) (06)."""
 
     expansion = 4
 
@@ -561,8 +506,8 @@ MODELS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4
           "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
 
-def build_model(name="resnet18", norm="bn", num_classes=10, last_stride=2):
-    """A CIFAR ResNet by name; last_stride=1 keeps layer4 at 8x8 (same parameter count)."""
+def make_model(name="resnet18", norm="bn", num_classes=10, last_stride=2):
+    """A CIFAR ResNet by name; last_stride=1 keeps layer4 at 8x8 (same parameter count) (05)."""
     block, blocks = MODELS[_choice(name, tuple(MODELS), "model")]
     _choice(norm, NORMS, "norm")
     _choice(last_stride, (1, 2), "last_stride")
@@ -580,75 +525,41 @@ def model_summary(model, input_size=(3, 32, 32)):
     """Print torchsummary's layer table (output shapes, parameters, memory)."""
     from torchsummary import summary
 
-    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    summary(model, input_size, device=device)
+    summary(model, input_size, device="cuda" if next(model.parameters()).is_cuda else "cpu")
 
 
 # =============================================================================================
-# Training
+# Training: one epoch, evaluation, and fit with checkpoints, resume and a results file (03)
 # =============================================================================================
 
-LOSSES = ("ce", "nll")
-SCHEDULERS = ("onecycle", "step", "plateau", "cosine", "none")
-PLATEAU_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+SPEED_KEYS = ("num_workers", "amp", "channels_last", "device", "data_on_gpu")  # never make a saved run stale
 
 
-class NLLOnLogits(nn.Module):
-    """The seeds' loss: log-softmax then NLL (the same number as cross-entropy without smoothing)."""
-
-    def forward(self, logits, target):
-        return F.nll_loss(F.log_softmax(logits, dim=1), target)
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
-def make_criterion(loss="ce", label_smoothing=0.0):
-    """Cross-entropy (with optional label smoothing) or the seeds' log-softmax + NLL."""
-    if _choice(loss, LOSSES, "loss") == "nll":
-        if label_smoothing:
-            raise ValueError("label smoothing needs loss='ce'")
-        return NLLOnLogits()
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-
-def make_optimizer(model, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4):
-    """SGD with momentum (optionally Nesterov) and weight decay."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer, name="onecycle", epochs=20, steps_per_epoch=1, max_lr=0.1, pct_start=0.25,
-                   step_size=50, gamma=0.1, plateau_metric="val_acc", patience=3, threshold=0.1,
-                   threshold_mode="abs", factor=0.1):
-    """Return (scheduler, when): when is "batch", "epoch", "metric" (plateau) or None."""
-    _choice(name, SCHEDULERS, "scheduler")
-    sched = torch.optim.lr_scheduler
-    if name == "onecycle":
-        total = epochs * steps_per_epoch
-        if total < 4:
-            raise ValueError(f"OneCycleLR needs at least 4 steps, this run has {total} "
-                             f"({epochs} epochs x {steps_per_epoch} batches): lower the batch size")
-        if pct_start * total < 2:  # torch divides by zero when the warm-up is shorter than 2 steps
-            print(f"OneCycle: warm-up widened from pct_start={pct_start} to {2 / total:.3g} (only {total} steps)")
-            pct_start = 2 / total
-        return sched.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                pct_start=pct_start, anneal_strategy="linear"), "batch"
-    if name == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch), "batch"
-    if name == "step":
-        return sched.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch"
-    if name == "plateau":
-        _choice(plateau_metric, PLATEAU_METRICS, "plateau_metric (the test set is never used to schedule)")
-        mode = "max" if plateau_metric.endswith("acc") else "min"
-        return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience,
-                                       threshold=threshold, threshold_mode=threshold_mode), "metric"
-    return None, None
+class StaleRun(RuntimeError):
+    """A saved run was made with other settings than the ones asked for now."""
 
 
 def amp_dtype(device):
-    """Mixed-precision dtype for a device: bf16 where the GPU has it, else fp16; None off CUDA."""
+    """Mixed precision: bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 below (T4), None off CUDA."""
     device = get_device(device)
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16  # is_bf16_supported() is also True when emulated
+
+
+def step_unit(scheduler):
+    """When fit steps a scheduler: "batch" (OneCycleLR), "metric" (ReduceLROnPlateau) or "epoch" (04, 05)."""
+    sched = torch.optim.lr_scheduler
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, sched.ReduceLROnPlateau):
+        return "metric"
+    return "batch" if isinstance(scheduler, (sched.OneCycleLR, sched.CyclicLR)) else "epoch"
 
 
 def _to(device, x, y, channels_last=False):
@@ -658,19 +569,19 @@ def _to(device, x, y, channels_last=False):
     return x, y.to(device, non_blocking=True)
 
 
-def train_one_epoch(model, loader, optimizer, criterion, device="cpu", scheduler=None, scaler=None,
-                    dtype=None, channels_last=False, lr_log=None, desc="train", progress=True):
-    """One pass over loader; returns (mean loss, accuracy %) measured while training."""
+def train_one_epoch(model, loader, optimizer, criterion, scheduler=None, scaler=None, device="cpu", dtype=None,
+                    channels_last=False, lr_log=None, desc="train", progress=True):
+    """One pass over loader (the step 03 writes by hand); returns (mean loss, accuracy %) while training."""
+    device = get_device(device)
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a NaN/inf loss
+    seen, lrs = 0, []
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
     for step, (x, y) in enumerate(bar):
         x, y = _to(device, x, y, channels_last)
-        lr = optimizer.param_groups[0]["lr"]
-        if lr_log is not None:
-            lr_log.append(lr)
+        lrs.append(optimizer.param_groups[0]["lr"])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
             loss = criterion(out, y)
@@ -684,18 +595,27 @@ def train_one_epoch(model, loader, optimizer, criterion, device="cpu", scheduler
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         loss_sum += loss.detach().float() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        if progress and (step % 10 == 0 or step == len(loader) - 1):  # .item() syncs: not every step
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                            lr=f"{lr:.3g}")
+        if step % 10 == 0 or step == len(loader) - 1:  # .item() syncs: not every step
+            if first_bad.item() >= 0:
+                bad = first_bad.item()
+                raise Diverged(f"the loss became NaN or infinite at step {bad + 1} of {len(loader)} ({desc}) with LR "
+                               f"{lrs[bad]:.3g}: the LR is too high for this model; try a lower LR (e.g. a tenth)")
+            if progress:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                lr=f"{lrs[-1]:.3g}")
+    if lr_log is not None:
+        lr_log.extend(lrs)
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
 @torch.no_grad()
 def evaluate(model, loader, criterion, device="cpu", dtype=None, channels_last=False):
     """Mean loss and accuracy % over a loader, in eval mode."""
+    device = get_device(device)
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in loader:
@@ -709,99 +629,122 @@ def evaluate(model, loader, criterion, device="cpu", dtype=None, channels_last=F
     return loss_sum / seen, 100.0 * correct / seen
 
 
-def _new_history(steps_per_epoch):
-    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-            "train_time", "epoch_time", "lr")
-    return {"steps_per_epoch": steps_per_epoch, **{k: [] for k in keys}}
+def run_config(model, optimizer, scheduler, criterion, epochs, data, config=None):
+    """The settings that define a run: the notebook's config plus what the objects themselves say."""
+    opt = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, bool, tuple)) and
+           k not in ("foreach", "fused", "differentiable", "capturable", "maximize")}
+    cfg = {**(config or {}), "model": getattr(model, "arch", type(model).__name__), "epochs": epochs,
+           "batch_size": data.train.batch_size, "train_images": len(data.train.dataset),
+           "optimizer": {"name": type(optimizer).__name__, **opt},
+           "scheduler": type(scheduler).__name__ if scheduler is not None else None, "criterion": repr(criterion)}
+    return json.loads(json.dumps(cfg))  # as the results file will hold it (tuples become lists)
 
 
-def fit(model, train_loader, test_loader, val_loader=None, epochs=20, lr=0.1, momentum=0.9, nesterov=False,
-        weight_decay=5e-4, loss="ce", label_smoothing=0.0, scheduler="onecycle", pct_start=0.25,
-        step_size=50, gamma=0.1, plateau_metric="val_acc", patience=3, threshold=0.1, threshold_mode="abs",
-        factor=0.1, amp=True, channels_last=True, device="auto", experiment="run", checkpoint_dir=None,
-        resume=False, callbacks=(), progress=True):
-    """Train and evaluate for `epochs`; checkpoint every epoch; return the history dict."""
+def _check_same_settings(what, saved, now):
+    """Raise StaleRun naming every result-changing setting that differs; speed-only settings never count."""
+    keys = [k for k in dict.fromkeys([*saved, *now]) if k not in SPEED_KEYS and saved.get(k) != now.get(k)]
+    if keys:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
+        raise StaleRun(f"{what} was run with other settings ({changes}). Nothing was changed. To keep it: choose "
+                       f"another EXPERIMENT name. To start over: set START_OVER = True (its files move to archive/).")
+
+
+def fit(model, data, optimizer, scheduler=None, criterion=None, epochs=20, name="run", output_dir="outputs",
+        config=None, monitor="val_acc", start_over=False, amp=True, channels_last=True, device="auto", progress=True):
+    """Train and evaluate for `epochs`; checkpoint every epoch, resume after a disconnect; returns the results record.
+
+    A finished run with the same settings is loaded, not trained again. Notebook 03 writes the loop out by hand.
+    """
     device = get_device(device)
-    if scheduler == "plateau" and plateau_metric.startswith("val") and val_loader is None:
-        raise ValueError("the plateau scheduler watches the validation split: give val_loader "
-                         "(VAL_FRACTION > 0); the test set is only reported, never used to schedule")
+    _choice(monitor, ("val_acc", "val_loss"), "monitor (the test set is never used to choose)")
+    unit = step_unit(scheduler)
+    if unit == "metric" and data.val is None:
+        raise ValueError("ReduceLROnPlateau watches the validation split: set VAL_FRACTION > 0 "
+                         "(the test set is only reported, never used to schedule)")
+    criterion = criterion or nn.CrossEntropyLoss()
+    cfg = run_config(model, optimizer, scheduler, criterion, epochs, data, config)
+    paths = checkpoint_paths(output_dir, name)
+    if start_over:
+        archive_run(output_dir, name)
+    done = load_results(output_dir).get(name)
+    if done and done["status"] == "diverged":
+        print(f"'{name}' diverged last time ({done.get('error', '')}); its files go to archive/, training again")
+        archive_run(output_dir, name)
+        done = None
+    if done:
+        _check_same_settings(f"'{name}' in {output_dir}", done["config"], cfg)
     cuda = device.type == "cuda"
     channels_last = channels_last and cuda
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = cuda
-    criterion = make_criterion(loss, label_smoothing)
-    optimizer = make_optimizer(model, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    steps = len(train_loader)
-    sched, when = make_scheduler(optimizer, scheduler, epochs=epochs, steps_per_epoch=steps, max_lr=lr,
-                                 pct_start=pct_start, step_size=step_size, gamma=gamma,
-                                 plateau_metric=plateau_metric, patience=patience, threshold=threshold,
-                                 threshold_mode=threshold_mode, factor=factor)
     dtype = amp_dtype(device) if amp else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    signature = {"epochs": epochs, "lr": lr, "scheduler": scheduler, "steps_per_epoch": steps, "loss": loss,
-                 "batch_size": getattr(train_loader, "batch_size", None)}
-    history, start = _new_history(steps), 0
-    paths = checkpoint_paths(checkpoint_dir, experiment) if checkpoint_dir else None
-    if resume and paths and paths["last"].exists():
-        ckpt = load_checkpoint(paths["last"], model)
-        if ckpt.get("signature") != signature:
-            raise ValueError(f"{paths['last']} was written by a run with {ckpt.get('signature')}, this run "
-                             f"has {signature}: use another experiment name, or resume=False to start over")
+    history = {"steps_per_epoch": len(data.train), **{k: [] for k in (
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_time", "lr")}}
+    start, spent, best = 0, 0.0, {"epoch": 0, "score": -math.inf, "model": None}
+    resume = next((p for p in (paths["last"], paths["prev"]) if p.exists()), None)
+    if done and done["status"] == "complete" and resume is None:
+        raise FileNotFoundError(f"'{name}' finished earlier ({done['epochs_run']} epochs) but {paths['last']} is "
+                                f"missing: restore it (e.g. from Drive's bin), or set START_OVER = True to train again")
+    if resume is not None:
+        ckpt = load_checkpoint(resume, model)
+        _check_same_settings(resume, ckpt["config"], cfg)
         optimizer.load_state_dict(ckpt["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(ckpt["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        history, start = ckpt["history"], ckpt["epoch"]
+        history, start, spent, best = ckpt["history"], ckpt["epoch"], ckpt["wall_time"], ckpt["best"]
         _set_rng_state(ckpt["rng"])
-        print(f"Resuming '{experiment}' after epoch {start}/{epochs} from {paths['last']}")
-    best = max(history["val_acc"], default=-math.inf)
+        _repair_best(paths["best"], best, ckpt)
+        print(f"'{name}': loaded epoch {start}/{epochs} from {resume}" + (" (finished)" if start >= epochs else ""))
     run = dict(device=device, dtype=dtype, channels_last=channels_last)
+    t_start = time.perf_counter()
+    record = lambda status, **extra: save_results(run_record(  # noqa: E731
+        name, cfg, history, model, device, spent + time.perf_counter() - t_start, status, **extra), output_dir)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        set_epoch(data.train, epoch)
         try:
-            tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, criterion, scaler=scaler,
-                                              scheduler=sched if when == "batch" else None, lr_log=history["lr"],
+            tr_loss, tr_acc = train_one_epoch(model, data.train, optimizer, criterion, scaler=scaler,
+                                              scheduler=scheduler if unit == "batch" else None, lr_log=history["lr"],
                                               desc=f"epoch {epoch + 1}/{epochs}", progress=progress, **run)
         except KeyboardInterrupt:
-            done = f"{paths['last']} holds epoch {epoch}" if paths else "no checkpoint_dir was given"
-            print(f"Interrupted during epoch {epoch + 1}: {done}; run again with resume=True to continue.")
+            print(f"Interrupted in epoch {epoch + 1}: {paths['last']} holds epoch {epoch}; run the cell again.")
             raise
-        train_time = time.perf_counter() - t0
-        val_loss, val_acc = evaluate(model, val_loader, criterion, **run) if val_loader else (None, None)
-        te_loss, te_acc = evaluate(model, test_loader, criterion, **run)
-        metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc}
-        if when == "epoch":
-            sched.step()
-        elif when == "metric":
-            sched.step(metrics[plateau_metric])
-        for k, v in [("epoch", epoch + 1), *metrics.items(), ("test_loss", te_loss), ("test_acc", te_acc),
-                     ("train_time", train_time), ("epoch_time", time.perf_counter() - t0)]:
+        except Diverged as err:
+            record("diverged", error=str(err))
+            raise Diverged(f"'{name}' stopped in epoch {epoch + 1}: {err}. The last good checkpoint (epoch {epoch}) "
+                           f"is kept; the run is recorded as diverged and restarts when run again.") from None
+        val_loss, val_acc = evaluate(model, data.val, criterion, **run) if data.val else (None, None)
+        te_loss, te_acc = evaluate(model, data.test, criterion, **run)
+        if unit == "epoch":
+            scheduler.step()
+        elif unit == "metric":
+            scheduler.step(val_acc if monitor == "val_acc" else val_loss)
+        for k, v in [("epoch", epoch + 1), ("train_loss", tr_loss), ("train_acc", tr_acc), ("val_loss", val_loss),
+                     ("val_acc", val_acc), ("test_loss", te_loss), ("test_acc", te_acc),
+                     ("epoch_time", time.perf_counter() - t0)]:
             if v is not None:
                 history[k].append(v)
-        val_txt = f" | val loss {val_loss:.4f} acc {val_acc:5.2f}%" if val_loader else ""
+        score = te_acc if val_acc is None else (val_acc if monitor == "val_acc" else -val_loss)  # no val split: final
+        if val_acc is None or score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score, "model": _cpu_state(model)}
+        val_txt = f" | val loss {val_loss:.4f} acc {val_acc:5.2f}%" if data.val else ""
         eta = np.mean(history["epoch_time"]) * (epochs - epoch - 1) / 60
         print(f"epoch {epoch + 1:3d}/{epochs} | train loss {tr_loss:.4f} acc {tr_acc:5.2f}%{val_txt} | "
               f"test loss {te_loss:.4f} acc {te_acc:5.2f}% | lr {history['lr'][-1]:.3g} | "
               f"{history['epoch_time'][-1]:.1f}s" + (f" | about {eta:.1f} min to go" if eta > 0 else ""))
-        if paths:
-            save_checkpoint(paths["last"], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=sched.state_dict() if sched is not None else None,
-                            scaler=scaler.state_dict() if scaler is not None else None, history=history,
-                            epoch=epoch + 1, rng=_rng_state(), arch=getattr(model, "arch", None),
-                            signature=signature, experiment=experiment)
-            if val_acc is not None and val_acc > best:
-                best = val_acc
-                _atomic_copy(paths["last"], paths["best"])
-        for callback in callbacks:
-            callback(epoch + 1, history)
-    if paths and start < epochs:
-        _atomic_copy(paths["last"], paths["dir"] / f"{experiment}_{time.strftime('%Y%m%d_%H%M%S')}.pt")
-    return history
+        ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), history=history, epoch=epoch + 1,
+                    scheduler=scheduler.state_dict() if scheduler is not None else None, best=best, config=cfg,
+                    scaler=scaler.state_dict() if scaler is not None else None, rng=_rng_state(),
+                    arch=getattr(model, "arch", None), wall_time=spent + time.perf_counter() - t_start, experiment=name)
+        save_checkpoint(paths["last"], keep_previous=paths["prev"], **ckpt)
+        _repair_best(paths["best"], best, ckpt)
+        rec = record("complete" if epoch + 1 == epochs else "running")
+    return rec if start < epochs else (done or record("complete"))
 
 
 # =============================================================================================
@@ -809,25 +752,37 @@ def fit(model, train_loader, test_loader, val_loader=None, epochs=20, lr=0.1, mo
 # =============================================================================================
 
 
-def checkpoint_paths(checkpoint_dir, experiment):
-    """Where an experiment's checkpoints live: <experiment>_last.pt and <experiment>_best.pt."""
-    d = Path(checkpoint_dir)
-    return {"dir": d, "last": d / f"{experiment}_last.pt", "best": d / f"{experiment}_best.pt"}
+def checkpoint_paths(output_dir, name):
+    """A run's checkpoints: <name>_last.pt (every epoch), _prev.pt (the epoch before) and _best.pt (by validation)."""
+    d = Path(output_dir) / "checkpoints"
+    return {"dir": d, "last": d / f"{name}_last.pt", "prev": d / f"{name}_prev.pt", "best": d / f"{name}_best.pt"}
 
 
-def save_checkpoint(path, **state):
+def save_checkpoint(path, keep_previous=None, **state):
     """torch.save to a temporary file, then os.replace: a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)  # a kill right here leaves the previous epoch to resume from
     os.replace(tmp, path)
 
 
-def _atomic_copy(src, dst):
-    tmp = Path(str(dst) + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _cpu_state(model):
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _repair_best(path, best, ckpt):
+    """Write <name>_best.pt from the best weights stored in last.pt, unless it already holds that epoch."""
+    if best["model"] is None:
+        return
+    with contextlib.suppress(Exception):
+        if torch.load(path, map_location="cpu", weights_only=True)["epoch"] == best["epoch"]:
+            return
+    hist = {k: (v[: best["epoch"]] if isinstance(v, list) else v) for k, v in ckpt["history"].items()}
+    save_checkpoint(path, model=best["model"], epoch=best["epoch"], arch=ckpt["arch"], config=ckpt["config"],
+                    history=hist, experiment=ckpt["experiment"])
 
 
 def _rng_state():
@@ -856,19 +811,22 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: run the training notebook first (fit writes "
-                                f"<experiment>_last.pt and <experiment>_best.pt to OUTPUT_DIR/checkpoints)")
+                                f"OUTPUT_DIR/checkpoints/<experiment>_last.pt and _best.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path} is damaged or is not a checkpoint written by helpers.fit "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        size = path.stat().st_size
+        raise ValueError(f"{path} is damaged ({size:,} bytes; {type(err).__name__}: {reason}). To go on: run "
+                         f"H.set_aside('{path}') and run the training cell again; it resumes from the epoch before "
+                         f"(_prev.pt) if that is intact, else starts over.") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by helpers.fit (it has no 'model' entry)")
     if model is not None:
         saved, ours = ckpt.get("arch"), getattr(model, "arch", None)
         if saved and ours and saved != ours:
             raise ValueError(f"{path} holds a {_describe_arch(saved)}, but the model is a {_describe_arch(ours)}; "
-                             f"build the model with build_model(**checkpoint['arch']) or model_from_checkpoint()")
+                             f"build the model with make_model(**checkpoint['arch']) or model_from_checkpoint()")
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
@@ -876,215 +834,103 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return ckpt
 
 
+def set_aside(path):
+    """Rename a damaged file to <name>.damaged-<time> (nothing is deleted); returns the new path."""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d_%H%M%S')}")
+    os.replace(path, dest)
+    print(f"moved {path} to {dest}")
+    return dest
+
+
 def model_from_checkpoint(path, device="cpu"):
     """Rebuild the model a checkpoint was saved from and load its weights; returns (model, checkpoint)."""
     ckpt = load_checkpoint(path)
     if not ckpt.get("arch"):
         raise ValueError(f"{path} does not record its architecture; build the model and use load_checkpoint")
-    model = build_model(**ckpt["arch"])
+    model = make_model(**ckpt["arch"])
     load_checkpoint(path, model)
     return model.to(get_device(device)).eval(), ckpt
 
 
+def archive_run(output_dir, name):
+    """Move a run's results file and checkpoints to OUTPUT_DIR/archive/<name>_<time>/ (nothing is deleted)."""
+    paths = checkpoint_paths(output_dir, name)
+    files = [p for p in (Path(output_dir) / "results" / f"{name}.json", paths["last"], paths["prev"], paths["best"])
+             if p.exists()]
+    if files:
+        dest = Path(output_dir) / "archive" / f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            os.replace(path, dest / path.name)
+        print(f"moved '{name}' ({len(files)} files) to {dest}")
+
+
 # =============================================================================================
-# Experiments and results: one registry, one results file per run, one table
+# Results: one JSON file per run, one table
 # =============================================================================================
 
-BASE_CONFIG = dict(
-    model="resnet18", norm="bn", last_stride=2,  # architecture
-    epochs=20, batch_size=512,  # budget
-    lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,  # SGD; lr is OneCycle's max LR (see resolve_lr)
-    loss="ce", label_smoothing=0.1,
-    scheduler="onecycle", pct_start=0.25, step_size=50, gamma=0.1,  # step: every epoch
-    plateau_metric="val_acc", patience=3, threshold=0.1, threshold_mode="abs", factor=0.1,
-    crop=True, flip=True, cutout=False, cutout_size=16, cutout_p=0.5, rotate=0, pad_mode="constant",
-    val_fraction=0.1, subset=None, seed=0,  # data
-    amp=True, channels_last=True, data_on_gpu=False, num_workers="auto",  # speed (CUDA only)
-)
-HEADLINE = "resnet18_onecycle"
-_SEED000 = dict(epochs=150, batch_size=128, lr=0.1, nesterov=False, loss="nll", label_smoothing=0.0,
-                scheduler="step", step_size=50, gamma=0.1)
-_SEED001 = dict(epochs=20, batch_size=256, nesterov=False, label_smoothing=0.0, crop=True, flip=False,
-                cutout=True, rotate=5, step_size=None)  # step_size None: a third of the epochs
-EXPERIMENTS = {
-    HEADLINE: dict(notebook="03"),
-    **{f"{HEADLINE}_seed{s}": dict(notebook="03", seed=s) for s in (1, 2)},
-    "seed000_steplr_cropflip": dict(notebook="04", **_SEED000),
-    "seed000_steplr_cutout": dict(notebook="04", **_SEED000, crop=False, flip=False, cutout=True),
-    "seed003_plateau_stride1": dict(notebook="05", last_stride=1, scheduler="plateau", epochs=50, batch_size=128,
-                                    lr=0.05, nesterov=False, label_smoothing=0.0, cutout=True),
-    **{f"seed001_{m}_{n}_{s}": dict(notebook="06", model=m, norm=n, scheduler=s, **_SEED001, lr=0.05)
-       for m in ("resnet18", "resnet34") for n in ("bn", "ln") for s in ("onecycle", "step", "plateau")},
-    "seed002_resnet50_onecycle": dict(notebook="06", model="resnet50", epochs=20),
-}
 
-
-def seed_experiment(name, seed):
-    """The name of an experiment's run with another seed: seed 0 keeps the plain name."""
-    return name if seed == 0 else f"{name}_seed{seed}"
-
-
-def experiment_config(name, **overrides):
-    """BASE_CONFIG + the named experiment + overrides (lower-case keys), with derived values filled in."""
-    if name not in EXPERIMENTS and "notebook" not in overrides:
-        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)} "
-                         f"(or pass notebook=... to define a new one)")
-    cfg = {**BASE_CONFIG, **EXPERIMENTS.get(name, {}), **overrides, "experiment": name}
-    unknown = set(cfg) - set(BASE_CONFIG) - {"experiment", "notebook"}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {', '.join(BASE_CONFIG)}")
-    if cfg["step_size"] is None:
-        cfg["step_size"] = max(1, math.ceil(cfg["epochs"] / 3))
-    return cfg
-
-
-def resolve_lr(lr=None, output_dir="outputs", batch_size=512, default=0.1):
-    """The LR to train with: lr if given, else the LR range test's (02) scaled linearly to batch_size, else default."""
-    if lr is not None:
-        return float(lr), f"LR {lr:g} (set in the parameters cell)"
-    path = Path(output_dir) / "lr_finder.json"
-    if not path.is_file():
-        return float(default), f"LR {default:g}: the stated default (no LR range test result at {path}; run 02 first)"
-    found = json.loads(path.read_text())
-    scaled = found["lr"] * batch_size / found["batch_size"]
-    return scaled, (f"LR {scaled:.3g}: the LR range test's '{found['rule']}' suggestion {found['lr']:.3g} "
-                    f"at batch {found['batch_size']}, scaled linearly to batch {batch_size} ({path})")
-
-
-def _atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_record(cfg, history, params, device, source, wall_time, complete):
-    """The results file's content: config, history, accuracies, time, hardware and versions."""
+def run_record(name, config, history, model, device, wall_time, status, **extra):
+    """The results file's content: settings, history, accuracies, time, hardware and versions."""
     best_val = max(history["val_acc"], default=None)
     return {
-        "experiment": cfg["experiment"], "notebook": cfg.get("notebook"), "config": cfg, "params": params,
-        "epochs_run": len(history["epoch"]), "complete": complete,
+        "experiment": name, "status": status, "config": config, "params": count_params(model),
+        "epochs_run": len(history["epoch"]), **extra,
         "final_train_acc": history["train_acc"][-1] if history["train_acc"] else None,
         "final_test_acc": history["test_acc"][-1] if history["test_acc"] else None,
-        "best_test_acc": max(history["test_acc"], default=None),  # reported only, never used to select
         "best_val_acc": best_val,
         "test_acc_at_best_val": history["test_acc"][history["val_acc"].index(best_val)] if best_val else None,
-        "wall_time_s": wall_time, "device": device_name(device), "data": source, "versions": versions(),
+        "wall_time_s": wall_time, "device": device_name(device), "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "history": history,
     }
 
 
 def save_results(record, output_dir="outputs"):
-    """Write OUTPUT_DIR/results/<experiment>.json atomically; returns its path."""
+    """Write OUTPUT_DIR/results/<experiment>.json atomically; returns the record."""
     path = Path(output_dir) / "results" / f"{record['experiment']}.json"
-    _atomic_write_text(path, json.dumps(record, indent=1))
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
 
 
 def load_results(output_dir="outputs"):
-    """All results files in OUTPUT_DIR/results, by experiment name."""
+    """All readable results files in OUTPUT_DIR/results by experiment; a bad file is skipped with one warning."""
     out = {}
     for path in sorted((Path(output_dir) / "results").glob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not {"experiment", "status", "config", "history"} <= set(record):
+                raise ValueError("not a results record (it lacks experiment/status/config/history)")
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            warnings.warn(f"skipped {path}: {type(err).__name__}: {str(err)[:120]}", stacklevel=2)
+            continue
         out[record["experiment"]] = record
     return out
 
 
-def run_experiment(cfg, data_dir="data", output_dir="outputs", device="auto", data=None, rerun=False,
-                   progress=True, download=False):
-    """Train one experiment with checkpoints and a results file; skips a finished one. Returns (record, model)."""
-    device = get_device(device)
-    output_dir = Path(output_dir)
-    name = cfg["experiment"]
-    ckpts = checkpoint_paths(output_dir / "checkpoints", name)
-    done = load_results(output_dir).get(name)
-    if done and done["config"] != cfg:
-        changed = {k: (done["config"].get(k), v) for k, v in cfg.items() if done["config"].get(k) != v}
-        _archive_run(output_dir, name)
-        print(f"'{name}' was run with other settings ({changed}, as (before, now)); its files were moved to "
-              f"{output_dir / 'archive'} and it is trained again")
-        done = None
-    if done and done["complete"] and ckpts["last"].exists() and not rerun:
-        print(f"'{name}' already finished ({done['epochs_run']} epochs, test acc {done['final_test_acc']:.2f}%); "
-              f"loading it (rerun=True trains it again)")
-        model, _ = model_from_checkpoint(ckpts["last"], device)
-        return done, model
-    if rerun:
-        for p in (ckpts["last"], ckpts["best"]):
-            p.unlink(missing_ok=True)
-    seed_everything(cfg["seed"])
-    if data is None:
-        data = loaders_from_config(cfg, data_dir, device=device, download=download)
-    model = build_model(cfg["model"], norm=cfg["norm"], last_stride=cfg["last_stride"])
-    params = count_params(model)
-    t0 = time.perf_counter()
-    spent = (done or {}).get("wall_time_s", 0.0) if not rerun else 0.0
-
-    def record_progress(epoch, history):
-        save_results(run_record(cfg, history, params, device, data.source,
-                                spent + time.perf_counter() - t0, epoch == cfg["epochs"]), output_dir)
-
-    fit_args = {k: v for k, v in _kwargs_for(fit, cfg).items() if k not in ("device", "experiment")}
-    history = fit(model, data.train, data.test, val_loader=data.val, device=device, experiment=name,
-                  checkpoint_dir=ckpts["dir"], resume=True, callbacks=[record_progress], progress=progress,
-                  **fit_args)
-    record = run_record(cfg, history, params, device, data.source, spent + time.perf_counter() - t0,
-                        len(history["epoch"]) == cfg["epochs"])
-    save_results(record, output_dir)
-    return record, model
-
-
-def _archive_run(output_dir, name):
-    """Move an experiment's results file and checkpoints to OUTPUT_DIR/archive/<name>_<time>/."""
-    dest = Path(output_dir) / "archive" / f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = checkpoint_paths(Path(output_dir) / "checkpoints", name)
-    for path in (Path(output_dir) / "results" / f"{name}.json", paths["last"], paths["best"]):
-        if path.exists():
-            os.replace(path, dest / path.name)
-
-
-def _fmt(value, fmt="{:.2f}"):
-    return "not run" if value is None else fmt.format(value)
-
-
-def results_table(output_dir="outputs", experiments=EXPERIMENTS):
-    """A markdown table of every registered experiment; runs without a results file say 'not run'."""
-    results = load_results(output_dir)
-    head = ("| experiment | notebook | model | norm | scheduler | params | epochs | final train acc % | "
-            "final test acc % | best test acc % | wall time | device |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    names = list(experiments) + [n for n in results if n not in experiments]
-    for name in names:
-        rec = results.get(name)
-        cfg = rec["config"] if rec else experiment_config(name)
-        params = rec["params"] if rec else count_params(build_model(cfg["model"], norm=cfg["norm"]))
-        if rec:
-            epochs = f"{rec['epochs_run']}/{cfg['epochs']}" + ("" if rec["complete"] else " (incomplete)")
-            wall = f"{rec['wall_time_s'] / 60:.1f} min"
-            cells = [epochs, _fmt(rec["final_train_acc"]), _fmt(rec["final_test_acc"]), _fmt(rec["best_test_acc"]),
-                     wall, rec["device"]]
-        else:
-            cells = [f"{cfg['epochs']} planned"] + ["not run"] * 5
-        lines.append("| " + " | ".join([name, cfg.get("notebook") or "", cfg["model"], cfg["norm"], cfg["scheduler"],
-                                        f"{params:,}", *cells]) + " |")
+def results_table(output_dir="outputs"):
+    """A markdown table of every run in OUTPUT_DIR/results (diverged and unfinished runs say so)."""
+    lines = ["| experiment | model | scheduler | params | epochs | final train acc % | final test acc % | "
+             "test acc at best val % | wall time | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for name, rec in load_results(output_dir).items():
+        cfg = rec["config"]
+        epochs = f"{rec['epochs_run']}/{cfg.get('epochs')}" + {"complete": "", "diverged": " (diverged)"}.get(
+            rec["status"], f" ({rec['status']})")
+        test = "diverged" if rec["status"] == "diverged" else fmt(rec["final_test_acc"])
+        model = cfg.get("model", {})
+        model = f"{model.get('name')} {model.get('norm')}" if isinstance(model, dict) else model
+        lines.append(f"| {name} | {model} | {cfg.get('scheduler')} | {rec['params']:,} | {epochs} | "
+                     f"{fmt(rec['final_train_acc'])} | {test} | {fmt(rec['test_acc_at_best_val'])} | "
+                     f"{rec['wall_time_s'] / 60:.1f} min | {rec['device']} |")
     return "\n".join(lines)
 
 
-def update_readme(readme="README.md", output_dir="outputs"):
-    """Replace the table between the results markers in README.md with a fresh one."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = Path(readme).read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} has no '{start}' ... '{end}' markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    _atomic_write_text(readme, f"{head}{start}\n{results_table(output_dir)}\n{end}{tail}")
-
-
 # =============================================================================================
-# LR finder: torch-lr-finder's range test, with the suggestions and restore it leaves to us
+# LR finder (notebook 02): torch-lr-finder's range test, with the suggestions and restore it leaves to us
 # =============================================================================================
 
 
@@ -1126,14 +972,10 @@ def suggest_lrs(lrs, losses, skip_start=10, skip_end=5):
 
 def find_lr(model, optimizer, criterion, train_loader, end_lr=10, num_iter=100, step_mode="exp", val_loader=None,
             device=None, start_lr=None, smooth_f=0.05, diverge_th=5, skip_start=10, skip_end=5):
-    """LR range test with torch-lr-finder; model and optimizer are restored afterwards."""
-    from torch_lr_finder import LRFinder, TrainDataLoaderIter, ValDataLoaderIter
+    """LR range test with torch-lr-finder (02); model and optimizer are restored afterwards."""
+    from torch_lr_finder import LRFinder
 
     _choice(step_mode, ("exp", "linear"), "step_mode")
-    if not isinstance(train_loader, DataLoader):
-        train_loader = TrainDataLoaderIter(train_loader)  # e.g. GPULoader
-    if val_loader is not None and not isinstance(val_loader, DataLoader):
-        val_loader = ValDataLoaderIter(val_loader)
     was_training = model.training
     finder = LRFinder(model, optimizer, criterion, device=get_device(device) if device else None)
     printed = io.StringIO()
@@ -1157,18 +999,35 @@ def find_lr(model, optimizer, criterion, train_loader, end_lr=10, num_iter=100, 
     return LRFinderResult(lrs, losses, suggestions, skip_start, skip_end, diverged)
 
 
-def save_lr_choice(result, rule="valley", batch_size=512, output_dir="outputs", **extra):
-    """Write the chosen LR to OUTPUT_DIR/lr_finder.json, which the training notebooks read."""
+def save_lr_choice(result, rule="minimum", batch_size=512, output_dir="outputs", **extra):
+    """Write the chosen LR to OUTPUT_DIR/lr_finder.json, which notebook 03 reads."""
     _choice(rule, tuple(result.suggestions), "rule")
     record = {"lr": result.suggestions[rule], "rule": rule, "batch_size": batch_size,
               "suggestions": result.suggestions, "diverged": result.diverged, **extra}
     path = Path(output_dir) / "lr_finder.json"
-    _atomic_write_text(path, json.dumps(record, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
     return path
 
 
+def resolve_lr(lr=None, output_dir="outputs", batch_size=512, default=0.1):
+    """The LR to train with: lr if given, else 02's range-test LR scaled linearly to batch_size, else default."""
+    if lr is not None:
+        return float(lr), f"LR {lr:g} (set in the parameters cell)"
+    path = Path(output_dir) / "lr_finder.json"
+    if not path.is_file():
+        return float(default), f"LR {default:g}: the stated default (no LR range test result at {path}; run 02 first)"
+    try:
+        found = json.loads(path.read_text())
+        scaled = float(found["lr"]) * batch_size / int(found["batch_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); run 02 again or delete it") from None
+    return scaled, (f"LR {scaled:.3g}: the LR range test's '{found.get('rule')}' suggestion {found['lr']:.3g} "
+                    f"at batch {found['batch_size']}, scaled linearly to batch {batch_size} ({path})")
+
+
 # =============================================================================================
-# Evaluation: one pass over the fixed-order test loader, everything else computed from it
+# Evaluation (notebook 07): one pass over the fixed-order test loader, everything else computed from it
 # =============================================================================================
 
 
@@ -1210,13 +1069,12 @@ def confusion_matrix(labels, preds, num_classes=10):
 
 
 def per_class_metrics(cm):
-    """Per-class accuracy (= recall), precision and support from a confusion matrix."""
+    """Per-class recall (the per-class accuracy), precision and support from a confusion matrix."""
     cm = np.asarray(cm, dtype=float)
     tp, actual, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    return {"accuracy": 100 * recall, "recall": 100 * recall, "precision": 100 * precision,
-            "support": actual.astype(int)}
+    return {"recall": 100 * recall, "precision": 100 * precision, "support": actual.astype(int)}
 
 
 def most_confused(cm, k=10, classes=CLASSES):
@@ -1240,13 +1098,14 @@ def save_figure(fig, images_dir, name, dpi=120):
     return path
 
 
-def _grid(n, ncols, size=1.6):
-    nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False,
-                             layout="constrained")
+def _image_grid(rows, cols, size=1.9, title_rows=True):
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size + 1.2, rows * size * (1.2 if title_rows else 1.0)),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
-        ax.axis("off")
-    return fig, axes.flat
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    return fig, axes
 
 
 def plot_class_counts(train_labels, test_labels, classes=CLASSES):
@@ -1254,47 +1113,26 @@ def plot_class_counts(train_labels, test_labels, classes=CLASSES):
     fig, ax = plt.subplots(figsize=(9, 3.2), layout="constrained")
     x = np.arange(len(classes))
     for offset, (name, labels) in zip((-0.2, 0.2), (("train", train_labels), ("test", test_labels))):
-        counts = np.bincount(labels, minlength=len(classes))
-        bars = ax.bar(x + offset, counts, width=0.4, label=f"{name} ({len(labels):,})")
+        bars = ax.bar(x + offset, np.bincount(labels, minlength=len(classes)), width=0.4,
+                      label=f"{name} ({len(labels):,})")
         ax.bar_label(bars, fontsize=7)
     ax.set_xticks(x, classes, rotation=30)
-    ax.set_ylabel("images")
+    ax.set(ylabel="images", title="Images per class")
     ax.legend()
-    ax.set_title("Images per class")
     return fig
 
 
-def plot_samples_per_class(images, labels, classes=CLASSES, per_class=8, seed=0):
-    """A grid with one row per class of randomly chosen images."""
-    rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.15),
-                             layout="constrained")
-    for c, name in enumerate(classes):
-        idx = rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
-        for j, i in enumerate(idx):
-            axes[c, j].imshow(images[i])
-            axes[c, j].set_xticks([])
-            axes[c, j].set_yticks([])
-        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center")
-    fig.suptitle("Random samples per class")
-    return fig
-
-
-def plot_augmentations(images, pipelines, seed=0):
-    """Each pipeline (name -> albumentations Compose without Normalize) applied to the same images."""
-    fig, axes = plt.subplots(len(pipelines) + 1, len(images), figsize=(len(images) * 1.4, (len(pipelines) + 1) * 1.5),
-                             squeeze=False, layout="constrained")
-    rows = [("original", None), *pipelines.items()]
-    for r, (name, pipe) in enumerate(rows):
-        if pipe is not None:
-            pipe.set_random_seed(seed)
-        for c, image in enumerate(images):
-            shown = image if pipe is None else pipe(image=image)["image"]
-            axes[r, c].imshow(shown)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
-    fig.suptitle("Augmentations, each applied to the same images")
+def plot_images(rows, row_titles=None, titles=None, suptitle=""):
+    """A grid of images (rows of uint8/float HWC or normalised CHW), pixels drawn as pixels."""
+    fig, axes = _image_grid(len(rows), max(len(r) for r in rows), size=1.3 if titles is None else 1.9)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            axes[r, c].imshow(to_display(image), interpolation="nearest")
+            if titles is not None:
+                axes[r, c].set_title(titles[r][c], fontsize=9)
+        if row_titles:
+            axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(suptitle)
     return fig
 
 
@@ -1309,10 +1147,8 @@ def plot_history(history, title=""):
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="Accuracy")
     if history["test_acc"]:
-        best = int(np.argmax(history["test_acc"]))
         ax_acc.annotate(f"final test {history['test_acc'][-1]:.2f}%", (epochs[-1], history["test_acc"][-1]),
                         textcoords="offset points", xytext=(-80, -25), arrowprops={"arrowstyle": "->"})
-        ax_acc.plot(epochs[best], history["test_acc"][best], "k*", markersize=9, label="best test (reported only)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -1323,23 +1159,23 @@ def plot_history(history, title=""):
 def plot_lr_schedule(history, title="Learning rate used at every step"):
     """The LR actually used at every optimizer step, on an epoch axis."""
     fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
-    steps = np.arange(len(history["lr"])) / max(1, history["steps_per_epoch"])
-    ax.plot(steps, history["lr"])
+    ax.plot(np.arange(len(history["lr"])) / max(1, history["steps_per_epoch"]), history["lr"])
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     return fig
 
 
-def plot_lr_finder(result, log_lr=True, log_loss=False, title="LR range test"):
-    """Loss against LR with each suggestion marked (log_loss for curves that explode)."""
+def plot_lr_finder(result, rules=None, log_lr=True, log_loss=False, title="LR range test"):
+    """Loss against LR, each suggestion in rules (default: all) marked by a line at the exact LR it names."""
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     s, e = result.skip_start, len(result.lrs) - result.skip_end
     lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
     ax.plot(lrs, losses, color="0.75", label="skipped ends")
     ax.plot(lrs[s:e], losses[s:e], color="C0", label="loss (smoothed)")
-    for (rule, lr), marker, color in zip(result.suggestions.items(), "ovDs", ("C3", "C2", "C4", "C1")):
-        i = int(np.argmin(np.abs(np.log(lrs[s:e]) - np.log(lr)))) + s
-        ax.scatter(lrs[i], losses[i], marker=marker, s=80, color=color, zorder=3, label=f"{rule}: {lr:.3g}")
+    rules = result.suggestions if rules is None else rules
+    for rule, color in zip(rules, ("C3", "C2", "C4", "C1")):
+        lr = result.suggestions[rule]
+        ax.axvline(lr, color=color, ls="--", lw=1.2, label=f"{rule}: {lr:.3g}")
     if log_lr:
         ax.set_xscale("log")
     if log_loss:
@@ -1362,32 +1198,17 @@ def plot_test_curves(records, title="Test accuracy per epoch, every run"):
     ax.set(xlabel="epoch", ylabel="test accuracy %", title=title)
     ax.grid(alpha=0.3)
     if records:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right")
     return fig
 
 
-def plot_results_heatmap(records, rows=("model", "norm"), col="scheduler", value="final_test_acc"):
-    """Heatmap of one number per run (default final test accuracy), rows and columns from the configs."""
-    table = {}
-    for rec in records.values():
-        cfg = rec["config"]
-        table.setdefault(" / ".join(str(cfg[r]) for r in rows), {})[cfg[col]] = rec[value]
-    row_names, col_names = sorted(table), sorted({c for r in table.values() for c in r})
-    data = np.array([[table[r].get(c, np.nan) for c in col_names] for r in row_names], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 * len(col_names) + 2.5, 0.6 * len(row_names) + 1.5),
-                           layout="constrained")
-    sns.heatmap(data, annot=True, fmt=".2f", cmap="viridis", xticklabels=col_names, yticklabels=row_names, ax=ax)
-    ax.set(xlabel=col, ylabel=" / ".join(rows), title=value.replace("_", " ") + " %")
-    return fig
-
-
-def plot_gallery(images, titles, ncols=5, suptitle=""):
-    """Images in a grid with a title each (e.g. 'pred: cat / actual: dog')."""
-    fig, axes = _grid(len(images), ncols, size=1.9)
-    for ax, image, t in zip(axes, images, titles):
-        ax.imshow(to_display(image))
-        ax.set_title(t, fontsize=8)
-    fig.suptitle(suptitle)
+def plot_results_heatmap(table, xlabel="scheduler", ylabel="model / norm", title="final test accuracy %"):
+    """Heatmap of {row name: {column name: value}} (06's grid)."""
+    rows, cols = sorted(table), sorted({c for r in table.values() for c in r})
+    data = np.array([[table[r].get(c, np.nan) for c in cols] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.6 * len(rows) + 1.5), layout="constrained")
+    sns.heatmap(data, annot=True, fmt=".2f", cmap="viridis", xticklabels=cols, yticklabels=rows, ax=ax)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return fig
 
 
@@ -1397,70 +1218,82 @@ def plot_confusion(cm, classes=CLASSES, normalize=False):
     data = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
     fig, ax = plt.subplots(figsize=(7.5, 6.2), layout="constrained")
     sns.heatmap(data, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
-                yticklabels=classes, ax=ax, cbar=True, annot_kws={"fontsize": 7})
+                yticklabels=classes, ax=ax, cbar=True, annot_kws={"fontsize": 8})
     ax.set(xlabel="predicted", ylabel="actual",
            title="Confusion matrix" + (" (each row sums to 1)" if normalize else " (counts)"))
     return fig
 
 
 def plot_per_class(metrics, classes=CLASSES):
-    """Per-class accuracy (recall) and precision as grouped bars."""
+    """Per-class accuracy (= recall) and precision as grouped bars."""
     fig, ax = plt.subplots(figsize=(9, 3.5), layout="constrained")
     x = np.arange(len(classes))
-    for offset, key in zip((-0.2, 0.2), ("accuracy", "precision")):
-        bars = ax.bar(x + offset, metrics[key], width=0.4, label=key)
+    for offset, key in zip((-0.2, 0.2), ("recall", "precision")):
+        bars = ax.bar(x + offset, metrics[key], width=0.4, label="accuracy (recall)" if key == "recall" else key)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, classes, rotation=30)
     ax.set(ylabel="%", ylim=(0, 105), title="Per-class accuracy (= recall) and precision on the test set")
-    ax.axhline(np.mean(metrics["accuracy"]), color="k", lw=0.8, ls="--", label="mean accuracy")
+    ax.axhline(np.mean(metrics["recall"]), color="k", lw=0.8, ls="--", label="mean accuracy")
     ax.legend(loc="lower right")
     return fig
 
 
-def plot_cam_pairs(images, cams_pred, cams_actual, preds, labels, classes=CLASSES, ncols=3, alpha=0.5, title=""):
-    """For each image: the image, Grad-CAM for the predicted class, Grad-CAM for the actual class."""
-    fig, axes = _grid(3 * len(images), 3 * ncols, size=1.5)
-    axes = list(axes)
-    for k, image in enumerate(images):
-        img = to_display(image)
-        p, a = classes[preds[k]], classes[labels[k]]
-        panels = [(img, f"pred: {p} / actual: {a}"), (overlay_cam(img, cams_pred[k], alpha), f"CAM for {p}"),
-                  (overlay_cam(img, cams_actual[k], alpha), f"CAM for {a}")]
-        for ax, (shown, t) in zip(axes[3 * k:3 * k + 3], panels):
-            ax.imshow(shown)
-            ax.set_title(t, fontsize=7)
-    fig.suptitle(title)
-    return fig
+def plot_cams(images, maps, row_titles, titles=None, alpha=0.5, per_row=5, suptitle=""):
+    """Images with one row of Grad-CAM overlays per entry of maps ([N, H, W] each), at most per_row images a group.
 
-
-def plot_cam_rows(images, rows, row_titles, alpha=0.5, title=""):
-    """One row per method or layer (name -> maps [N, H, W]) over the same images, with the images on top."""
-    fig, axes = plt.subplots(len(rows) + 1, len(images), figsize=(len(images) * 1.5, (len(rows) + 1) * 1.6),
-                             squeeze=False, layout="constrained")
-    for c, image in enumerate(images):
-        img = to_display(image)
-        axes[0, c].imshow(img)
-        for r, maps in enumerate(rows):
-            axes[r + 1, c].imshow(overlay_cam(img, maps[c], alpha))
-    for r, name in enumerate(["image", *row_titles]):
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title)
+    A single image is laid out in one row: the image, then each map titled by row_titles.
+    """
+    single = len(images) == 1
+    groups = [range(i, min(i + per_row, len(images))) for i in range(0, len(images), per_row)]
+    shape = (1, len(maps) + 1) if single else (len(groups) * (len(maps) + 1), min(per_row, len(images)))
+    fig, axes = _image_grid(*shape, size=2.2 if single else 1.9, title_rows=single or titles is not None)
+    for g, idx in enumerate(groups):
+        top = g * (len(maps) + 1)
+        for c, i in enumerate(idx):
+            img = to_display(images[i])
+            cells = [axes[0, k] for k in range(len(maps) + 1)] if single else [axes[top + r, c] for r in range(
+                len(maps) + 1)]
+            cells[0].imshow(img, interpolation="nearest")
+            if titles is not None:
+                cells[0].set_title(titles[i], fontsize=9)
+            for ax, m in zip(cells[1:], maps):
+                ax.imshow(overlay_cam(img, m[i], alpha), interpolation="bilinear")
+        for r, name in enumerate(["image", *row_titles]):
+            if single:
+                axes[0, r].set_xlabel(name, fontsize=9)
+            else:
+                axes[top + r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if maps:
+        heat = plt.cm.ScalarMappable(cmap="jet", norm=matplotlib.colors.Normalize(0, 1))
+        fig.colorbar(heat, ax=axes, shrink=0.8 if single else 0.5, label="Grad-CAM (0: none, 1: strongest)")
+    fig.suptitle(suptitle, fontsize=11)
     return fig
 
 
 # =============================================================================================
-# Grad-CAM and Grad-CAM++ (ours: this is what the course teaches)
+# Grad-CAM and Grad-CAM++ (notebook 07 writes Grad-CAM out by hand for one image first)
 # =============================================================================================
+
+
+def _layer(model, layer):
+    """A layer given as a module or by name (e.g. "layer3" or "layer3.1.conv2")."""
+    if not isinstance(layer, str):
+        return layer
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(f"the model has no layer {layer!r}; top-level layers: {', '.join(names)}") from None
 
 
 class GradCAM:
-    """Grad-CAM (Selvaraju et al. 2017): `with GradCAM(model, model.layer3) as cam: maps = cam(x, targets)`."""
+    """Grad-CAM (Selvaraju et al. 2017): `with GradCAM(model, "layer3") as cam: maps = cam(x, targets)`."""
 
     def __init__(self, model, target_layer):
-        self.model, self.target_layer = model, target_layer
+        self.model, self.target_layer = model, _layer(model, target_layer)
+        if isinstance(self.target_layer, (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d)):
+            raise ValueError(f"Grad-CAM needs a layer with feature maps [N, C, H, W]; {self.target_layer} has none. "
+                             f"Use a convolutional stage such as 'layer3'")
         self._handle, self._acts, self._grads = None, None, None
         self.map_size = None  # (h, w) of the target layer's maps at the last call, before upsampling
 
@@ -1494,6 +1327,9 @@ class GradCAM:
         """Maps [N, H, W] in [0, 1] at the input's size, for each image's target (None: predicted) class."""
         if self._handle is None:
             raise RuntimeError("use GradCAM inside a with block: `with GradCAM(model, layer) as cam: ...`")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Grad-CAM needs gradients, but it was called inside torch.inference_mode(); "
+                               "call it outside that block")
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a float tensor [N, C, H, W], got "
                              f"{getattr(images, 'shape', type(images))}")
@@ -1505,10 +1341,12 @@ class GradCAM:
             with torch.enable_grad():
                 logits = self.model(x)  # one forward for the whole batch
                 targets = self._targets(targets, logits)
-                score = logits.gather(1, targets[:, None]).sum()
-                score.backward(inputs=[x])  # one backward; parameter .grad stays untouched
+                logits.gather(1, targets[:, None]).sum().backward(inputs=[x])  # parameter .grad untouched
             if self._acts is None or self._grads is None:
                 raise RuntimeError("the target layer saw no forward/backward pass; is it part of the model?")
+            if self._acts.dim() != 4:
+                raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
+                                 f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
             acts, grads = self._acts.float(), self._grads.float()  # (N, C, h, w)
             self.map_size = tuple(acts.shape[-2:])
             cam = F.relu((self.channel_weights(acts, grads)[:, :, None, None] * acts).sum(1))  # (N, h, w)
@@ -1560,3 +1398,22 @@ def overlay_cam(image, cam, alpha=0.5, cmap="jet"):
         raise ValueError(f"cam shape {cam.shape} does not match image {image.shape[:2]}")
     heat = matplotlib.colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
     return (1 - alpha) * image + alpha * heat
+
+
+def mistake_explorer(model, images, pred, order, layers=("layer2", "layer3"), alpha=0.5):
+    """07's explorer (ipywidgets 7/8): a slider over images[k] = test image order[k]; layer, method, class menus."""
+    import ipywidgets as W
+
+    def show(k=0, layer=layers[-1], method="Grad-CAM", for_class="predicted"):
+        i = order[k]  # images[k] is test image order[k]
+        cls = pred["preds"][i] if for_class == "predicted" else pred["labels"][i]
+        with (GradCAM if method == "Grad-CAM" else GradCAMPlusPlus)(model, layer) as cam:
+            heat = cam(images[k:k + 1], [cls])
+        title = (f"#{k}: predicted {CLASSES[pred['preds'][i]]} ({pred['probs'][i].max():.0%}), actual "
+                 f"{CLASSES[pred['labels'][i]]}")
+        plot_cams(images[k:k + 1], [heat], [f"{method}\n{layer}\nfor {CLASSES[cls]}"], [title], alpha=alpha)
+        plt.show()
+
+    return W.interactive(show, k=W.IntSlider(min=0, max=max(0, len(order) - 1), description="mistake"),
+                         layer=W.Dropdown(options=list(layers)), method=W.Dropdown(options=["Grad-CAM", "Grad-CAM++"]),
+                         for_class=W.Dropdown(options=["predicted", "actual"], description="class"))

@@ -20,6 +20,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from gpu_loader import GPULoader  # noqa: E402  (same folder)
+
 import helpers as H  # noqa: E402
 
 
@@ -81,16 +83,15 @@ def main():
     x, y = x[: max(need, 1)], y[: max(need, 1)]
 
     def ours():
-        pipe = H.build_transforms(train=True, crop=True, flip=True, cutout=True)
-        return H.make_loader(x, y, pipe, batch_size=a.batch_size, train=True, num_workers=a.workers,
-                             persistent_workers=False)
+        pipe = H.make_transforms({"crop": True, "flip": True, "cutout": 16})
+        return H.make_loader(x, y, pipe, batch_size=a.batch_size, shuffle=True, num_workers=a.workers)
 
     def theirs():
         return torch.utils.data.DataLoader(PILDataset(x, y, torchvision_pipeline()), batch_size=a.batch_size,
                                            shuffle=True, num_workers=a.workers)
 
     def batched():
-        return H.GPULoader(x, y, batch_size=a.batch_size, train=True, device=a.gpu_loader_device, cutout=True)
+        return GPULoader(x, y, {"cutout": 16}, batch_size=a.batch_size, train=True, device=a.gpu_loader_device)
 
     results = {"albumentations (ours)": [], "torchvision + PIL": [], "batched device-side": []}
     for _ in range(a.repeats):
@@ -109,8 +110,7 @@ def main():
     print(f"ratio albumentations / torchvision: {ratio:.2f}x")
     record = {"benchmark": "dataloader", "machine": hw, "batch_size": a.batch_size, "workers": a.workers,
               "batches": a.batches, "images_per_s": best, "all_runs": results, "ratio_ours_over_torchvision": ratio,
-              "batched_device": str(gpu_dev), "versions": H.versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "data": H.data_source(a.data_dir)}
+              "batched_device": str(gpu_dev), "versions": H.versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_record(record, f"dataloader_{gpu_dev.type}.json")
 
 

@@ -4,9 +4,9 @@
     python benchmarks/bench_recipe.py [--epochs 20] [--baseline-epochs 20] # a GPU: full training runs
 
 The recipe is notebook 03's configuration (batch 512, OneCycle, Nesterov, label smoothing, mixed precision and
-channels_last on CUDA, optionally data on the GPU). The baseline is what the seeds ran: fp32, batch 128,
-per-sample CPU augmentation, SGD 0.1 / momentum 0.9 / weight decay 5e-4 (StepLR every 50 epochs, so a constant
-LR within a 20-epoch budget).
+channels_last on CUDA, optionally data on the GPU with benchmarks/gpu_loader.py). The baseline is what the seeds
+ran: fp32, batch 128, per-sample CPU augmentation, SGD 0.1 / momentum 0.9 / weight decay 5e-4 (StepLR every 50
+epochs, so a constant LR within a 20-epoch budget).
 
 --quick measures, for both, the input pipeline alone (images/s out of the train loader) and the training step
 alone (images/s of forward + backward + update on batches already in memory), and prints the ratios.
@@ -16,6 +16,7 @@ the wall time to first reach 90%, 93% and 94%. A JSON record goes to benchmarks/
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_dataloader import images_per_second, write_record  # noqa: E402  (same folder)
+from gpu_loader import GPULoader  # noqa: E402  (same folder)
 
 import helpers as H  # noqa: E402
 
@@ -32,29 +34,52 @@ TARGETS = (90.0, 93.0, 94.0)
 
 
 def configs(a):
-    """(recipe, baseline) experiment configs."""
+    """(recipe, baseline) settings: notebook 03's recipe and the seeds' StepLR baseline."""
     lr, why = H.resolve_lr(a.lr, a.output_dir, batch_size=512)
     print(f"recipe: {why}")
-    common = dict(subset=a.subset, num_workers=a.workers, seed=a.seed)
-    recipe = H.experiment_config(H.HEADLINE, epochs=a.epochs, lr=lr, data_on_gpu=a.data_on_gpu, **common)
-    baseline = H.experiment_config(H.HEADLINE, epochs=a.baseline_epochs, batch_size=128, lr=0.1, nesterov=False,
-                                   label_smoothing=0.0, scheduler="step", step_size=50, amp=False,
-                                   channels_last=False, data_on_gpu=False, **common)
-    baseline["experiment"] = "seed_style_baseline"
+    recipe = dict(name="recipe", epochs=a.epochs, batch_size=512, lr=lr, nesterov=True, label_smoothing=0.1,
+                  schedule="onecycle", amp=True, channels_last=True, data_on_gpu=a.data_on_gpu)
+    baseline = dict(name="seed_style_baseline", epochs=a.baseline_epochs, batch_size=128, lr=0.1, nesterov=False,
+                    label_smoothing=0.0, schedule="step", amp=False, channels_last=False, data_on_gpu=False)
     return recipe, baseline
+
+
+def make_data(cfg, a, device):
+    """Loaders for a config: albumentations workers, or the whole set on the GPU (recipe --data-on-gpu)."""
+    if not cfg["data_on_gpu"]:
+        return H.make_data(a.data_dir, batch_size=cfg["batch_size"], subset=a.subset, seed=a.seed,
+                           num_workers=a.workers, device=device)
+    x, y = H.load_cifar10(a.data_dir, subset=a.subset, seed=a.seed)
+    xt, yt = H.load_test_split(a.data_dir, subset=a.subset, seed=a.seed)
+    tr, va = H.train_val_split(y, 0.1, seed=a.seed)
+    gpu = dict(batch_size=cfg["batch_size"], device=device, seed=a.seed)
+    return H.CifarData(GPULoader(x[tr], y[tr], train=True, **gpu), GPULoader(x[va], y[va], **gpu),
+                       GPULoader(xt, yt, **gpu), xt, yt)
+
+
+def build(cfg, steps_per_epoch):
+    """Model, optimizer, scheduler and loss of a config, as notebook 03 builds them."""
+    model = H.make_model("resnet18")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=cfg["nesterov"], weight_decay=5e-4)
+    if cfg["schedule"] == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], epochs=cfg["epochs"],
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25,
+                                                    anneal_strategy="linear")
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.1)
+    return model, opt, sched, torch.nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
 
 
 def step_rate(cfg, device, steps):
     """Images per second of training steps on in-memory batches (the same train_one_epoch as fit)."""
-    model = H.build_model(cfg["model"]).to(device)
+    model, opt, _, criterion = build(cfg, 1)
+    model.to(device)
     channels_last = cfg["channels_last"] and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     dtype = H.amp_dtype(device) if cfg["amp"] else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    opt = H.make_optimizer(model, lr=0.01, nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
-    criterion = H.make_criterion(cfg["loss"], cfg["label_smoothing"])
     batch = (torch.randn(cfg["batch_size"], 3, 32, 32, device=device),
              torch.randint(0, 10, (cfg["batch_size"],), device=device))
     run = dict(device=device, dtype=dtype, channels_last=channels_last, scaler=scaler, progress=False)
@@ -73,14 +98,16 @@ def time_to(history, target):
     return None
 
 
-def full_run(cfg, device, data_dir):
-    data = H.loaders_from_config(cfg, data_dir, device=device)
-    H.seed_everything(cfg["seed"])
-    model = H.build_model(cfg["model"])
-    fit_args = {k: v for k, v in H._kwargs_for(H.fit, cfg).items() if k not in ("device", "experiment")}
-    h = H.fit(model, data.train, data.test, val_loader=data.val, device=device, progress=False, **fit_args)
-    n = len(data.train.dataset) if hasattr(data.train.dataset, "__len__") else 0
-    return {"history": h, "train_images_per_s": n * len(h["epoch"]) / sum(h["train_time"]),
+def full_run(cfg, a, device):
+    H.seed_everything(a.seed)
+    data = make_data(cfg, a, device)
+    model, opt, sched, criterion = build(cfg, len(data.train))
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = H.fit(model, data, opt, sched, criterion, epochs=cfg["epochs"], name=cfg["name"], output_dir=tmp,
+                    amp=cfg["amp"], channels_last=cfg["channels_last"], device=device, progress=False)
+    h = rec["history"]
+    train_time = sum(h["epoch_time"])  # includes evaluation: an upper bound on training time
+    return {"history": h, "train_images_per_s": len(data.train.dataset) * len(h["epoch"]) / train_time,
             "epoch_time_s": float(np.mean(h["epoch_time"])), "final_test_acc": h["test_acc"][-1],
             "time_to": {str(t): time_to(h, t) for t in TARGETS}}
 
@@ -95,7 +122,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--subset", type=int, default=None)
-    ap.add_argument("--workers", default="auto")
+    ap.add_argument("--workers", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-on-gpu", action="store_true")
@@ -105,11 +132,11 @@ def main():
     hw = H.device_name(device)
     record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
               "configs": {"recipe": recipe, "baseline": baseline}, "versions": H.versions(),
-              "data": H.data_source(a.data_dir), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.quick:
         rows = {}
         for name, cfg in (("recipe", recipe), ("baseline", baseline)):
-            data = H.loaders_from_config(cfg, a.data_dir, device=device)
+            data = make_data(cfg, a, device)
             rows[name] = {"input_images_per_s": images_per_second(data.train, a.steps, warmup=2),
                           "step_images_per_s": step_rate(cfg, device, a.steps)}
         record["results"] = rows
@@ -123,7 +150,7 @@ def main():
             record[f"ratio_{key}"] = rows["recipe"][key] / rows["baseline"][key]
             print(f"ratio recipe / baseline, {key.replace('_', ' ')}: {record[f'ratio_{key}']:.2f}x")
     else:
-        rows = {name: full_run(cfg, device, a.data_dir) for name, cfg in (("recipe", recipe), ("baseline", baseline))}
+        rows = {name: full_run(cfg, a, device) for name, cfg in (("recipe", recipe), ("baseline", baseline))}
         record["results"] = rows
         print(f"recipe ({recipe['epochs']} epochs) vs seed-style baseline ({baseline['epochs']} epochs), on {hw}")
         head = f"{'':>10} {'train img/s':>12} {'epoch s':>8} {'final test %':>13}"

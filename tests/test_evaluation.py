@@ -7,9 +7,9 @@ import helpers as H
 
 
 def test_predict_is_one_pass_in_eval_mode_and_in_order(fake_cifar):
-    data = H.make_loaders(fake_cifar, batch_size=16, device="cpu", num_workers=0)
+    data = H.make_data(fake_cifar, batch_size=16, device="cpu", num_workers=0)
     torch.manual_seed(0)
-    model = H.build_model("resnet18")
+    model = H.make_model("resnet18")
     model.train()
     calls = []
     handle = model.register_forward_pre_hook(lambda m, i: calls.append(len(i[0])))
@@ -51,7 +51,7 @@ def test_confusion_matrix_and_per_class_metrics():
         manual[a, b] += 1
     assert np.array_equal(cm, manual) and cm.sum() == 7
     m = H.per_class_metrics(cm)
-    assert np.allclose(m["accuracy"], [50, 0, 200 / 3])
+    assert np.allclose(m["recall"], [50, 0, 200 / 3])  # per-class accuracy
     assert np.allclose(m["precision"], [100, 0, 50])
     assert m["support"].tolist() == [2, 2, 3]
     assert H.per_class_metrics(np.zeros((2, 2)))["precision"].tolist() == [0, 0]  # no NaN
@@ -64,7 +64,9 @@ def test_plots_return_figures(tmp_path):
     cm = H.confusion_matrix(p["labels"], p["preds"], num_classes=3)
     figs = [H.plot_confusion(cm, classes=("a", "b", "c")), H.plot_confusion(cm, ("a", "b", "c"), normalize=True),
             H.plot_per_class(H.per_class_metrics(cm), classes=("a", "b", "c")),
-            H.plot_gallery(np.zeros((3, 32, 32, 3), np.uint8), ["x", "y", "z"])]
+            H.plot_images([np.zeros((3, 32, 32, 3), np.uint8)], titles=[["x", "y", "z"]]),
+            H.plot_cams(torch.zeros(7, 3, 32, 32), [torch.rand(7, 32, 32)], ["cam"], [str(i) for i in range(7)]),
+            H.plot_cams(torch.zeros(1, 3, 32, 32), [torch.rand(1, 32, 32)] * 2, ["a", "b"])]
     for i, fig in enumerate(figs):
         assert isinstance(fig, plt.Figure)
         assert H.save_figure(fig, tmp_path, f"{i}.png").stat().st_size > 1000

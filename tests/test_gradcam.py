@@ -17,7 +17,7 @@ METHODS = [(H.GradCAM, "GradCAM"), (H.GradCAMPlusPlus, "GradCAMPlusPlus")]
 def scaled_resnet18():
     """ResNet18 with the classifier scaled up, so raw maps sit far above the reference's epsilons."""
     torch.manual_seed(0)
-    model = H.build_model("resnet18").eval()
+    model = H.make_model("resnet18").eval()
     with torch.no_grad():
         model.linear.weight.mul_(1e3)
     return model
@@ -123,7 +123,7 @@ def test_hooks_are_removed_also_on_error_and_nothing_grows(scaled_resnet18):
 
 
 def test_train_eval_mode_is_restored():
-    model = H.build_model("resnet18")
+    model = H.make_model("resnet18")
     model.train()
     with H.GradCAM(model, model.layer3) as cam:
         cam(torch.randn(2, 3, 32, 32))
@@ -135,7 +135,7 @@ def test_train_eval_mode_is_restored():
 
 
 def test_all_zero_map_stays_zero():
-    model = H.build_model("resnet18").eval()
+    model = H.make_model("resnet18").eval()
     with torch.no_grad():
         model.linear.weight.zero_()  # no class depends on any feature: every gradient is 0
     with H.GradCAMPlusPlus(model, model.layer3) as cam:

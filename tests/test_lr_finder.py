@@ -25,7 +25,11 @@ class TinyBN(nn.Module):
 
 @pytest.fixture(scope="module")
 def loader(fake_cifar):
-    return H.make_loaders(fake_cifar, batch_size=20, device="cpu", num_workers=0).train
+    return H.make_data(fake_cifar, batch_size=20, device="cpu", num_workers=0).train
+
+
+def sgd(model, lr):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
 def snapshot(model, optimizer):
@@ -36,7 +40,7 @@ def snapshot(model, optimizer):
 def test_range_test_restores_model_and_optimizer(loader):
     torch.manual_seed(0)
     model = TinyBN()
-    optimizer = H.make_optimizer(model, lr=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
     optimizer.zero_grad()
     model(next(iter(loader))[0]).sum().backward()
     optimizer.step()  # give the optimizer momentum state to restore
@@ -95,20 +99,20 @@ def test_minimum_rules_are_the_lowest_loss_and_a_tenth_of_it():
 def test_short_or_diverged_runs_give_clear_messages(loader):
     model = TinyBN()
     with pytest.raises(ValueError, match="num_iter=8 is too small"):
-        H.find_lr(model, H.make_optimizer(model, lr=1e-4), nn.CrossEntropyLoss(), loader, num_iter=8)
+        H.find_lr(model, sgd(model, 1e-4), nn.CrossEntropyLoss(), loader, num_iter=8)
     with pytest.raises(ValueError, match="diverged after"):
-        H.find_lr(model, H.make_optimizer(model, lr=1.0), nn.CrossEntropyLoss(), loader, end_lr=1e8,
+        H.find_lr(model, sgd(model, 1.0), nn.CrossEntropyLoss(), loader, end_lr=1e8,
                   num_iter=40, diverge_th=1.5)
 
 
 def test_linear_mode_uses_the_validation_loss(fake_cifar):
-    data = H.make_loaders(fake_cifar, batch_size=20, device="cpu", num_workers=0)
+    data = H.make_data(fake_cifar, batch_size=20, device="cpu", num_workers=0)
     model = TinyBN()
-    result = H.find_lr(model, H.make_optimizer(model, lr=1e-3), nn.CrossEntropyLoss(), data.train, end_lr=0.5,
+    result = H.find_lr(model, sgd(model, 1e-3), nn.CrossEntropyLoss(), data.train, end_lr=0.5,
                        num_iter=20, step_mode="linear", val_loader=data.val, skip_start=2, skip_end=2)
     assert np.allclose(np.diff(result.lrs), np.diff(result.lrs)[0])  # linear steps
     with pytest.raises(ValueError, match="exp, linear"):
-        H.find_lr(model, H.make_optimizer(model), nn.CrossEntropyLoss(), data.train, step_mode="cos")
+        H.find_lr(model, sgd(model, 0.1), nn.CrossEntropyLoss(), data.train, step_mode="cos")
 
 
 def test_found_lr_flows_into_training(tmp_path):
@@ -124,13 +128,14 @@ def test_found_lr_flows_into_training(tmp_path):
         H.save_lr_choice(result, rule="fastest", output_dir=tmp_path)
 
 
-def test_range_test_and_fit_take_the_device_side_loader(fake_cifar):
-    x, y = H.load_cifar10(fake_cifar)
-    train = H.GPULoader(x, y, batch_size=20, train=True, device="cpu", cutout=True)
-    test = H.GPULoader(*H.load_cifar10(fake_cifar, train=False), batch_size=25, device="cpu")
-    model = TinyBN()
-    result = H.find_lr(model, H.make_optimizer(model, lr=1e-4), nn.CrossEntropyLoss(), train, end_lr=1, num_iter=20,
-                       skip_start=2, skip_end=2)
-    assert len(result.lrs) == 20
-    h = H.fit(model, train, test, epochs=2, lr=0.1, device="cpu", progress=False)
-    assert len(h["lr"]) == 2 * len(train) and len(h["test_acc"]) == 2
+def test_plot_marks_each_rule_at_the_lr_it_names():
+    """A suggestion is drawn at its own LR, even off the tested range (the old plot snapped it to the nearest point)."""
+    lrs = list(np.linspace(0.04, 1.0, 30))
+    result = H.LRFinderResult(lrs=lrs, losses=list(np.linspace(3, 1, 30)), skip_start=2, skip_end=2, diverged=False,
+                              suggestions={"minimum": 0.0408, "minimum/10": 0.00408})
+    fig = H.plot_lr_finder(result, log_lr=False)
+    marks = {line.get_label(): line.get_xdata()[0] for line in fig.axes[0].lines if ":" in line.get_label()}
+    assert marks == {"minimum: 0.0408": 0.0408, "minimum/10: 0.00408": 0.00408}
+    fig = H.plot_lr_finder(result, rules=())  # a test the notebook calls meaningless: no marks at all
+    assert not [line for line in fig.axes[0].lines if ":" in line.get_label()]
+    plt.close("all")

@@ -12,13 +12,13 @@ import helpers as H
 @pytest.mark.parametrize("name, params", [("resnet18", 11_173_962), ("resnet34", 21_282_122),
                                           ("resnet50", 23_520_842)])
 def test_parameter_counts_match_the_seeds(name, params):
-    assert H.count_params(H.build_model(name)) == params
+    assert H.count_params(H.make_model(name)) == params
 
 
 def test_torchsummary_figures_match_seed_004():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        H.model_summary(H.build_model("resnet18"))
+        H.model_summary(H.make_model("resnet18"))
     text = out.getvalue()
     assert "Total params: 11,173,962" in text
     assert "Forward/backward pass size (MB): 11.25" in text
@@ -38,10 +38,10 @@ def _stage_shapes(model):
 
 
 def test_stages_and_stride1_last_stage():
-    shapes, out = _stage_shapes(H.build_model("resnet18").eval())
+    shapes, out = _stage_shapes(H.make_model("resnet18").eval())
     assert shapes == {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)}
     assert out.shape == (2, 10)
-    model = H.build_model("resnet18", last_stride=1).eval()
+    model = H.make_model("resnet18", last_stride=1).eval()
     shapes, out = _stage_shapes(model)
     assert shapes["layer4"] == (512, 8, 8) and out.shape == (2, 10)
     assert H.count_params(model) == 11_173_962
@@ -50,7 +50,7 @@ def test_stages_and_stride1_last_stage():
 @pytest.mark.parametrize("norm, kind, groups", [("bn", torch.nn.BatchNorm2d, None), ("ln", torch.nn.GroupNorm, 1),
                                                 ("gn", torch.nn.GroupNorm, 32)])
 def test_norms(norm, kind, groups):
-    model = H.build_model("resnet18", norm=norm)
+    model = H.make_model("resnet18", norm=norm)
     assert isinstance(model.norm1, kind) and isinstance(model.layer2[0].norm1, kind)
     if groups:
         assert model.layer3[0].norm2.num_groups == groups
@@ -68,6 +68,6 @@ def test_layer_norm_normalises_over_c_h_w():
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="resnet18, resnet34, resnet50"):
-        H.build_model("resnet101")
+        H.make_model("resnet101")
     with pytest.raises(ValueError, match="bn, ln, gn"):
-        H.build_model("resnet18", norm="in")
+        H.make_model("resnet18", norm="in")
