@@ -238,3 +238,31 @@ def test_overlay_is_rgb_and_refuses_out_of_range_images():
         H.overlay_cam(image * 255 - 1, cam)
     with pytest.raises(ValueError, match="does not match"):
         H.overlay_cam(image, np.zeros((4, 4)))
+
+
+def test_layer_by_name_equals_layer_by_module():
+    torch.manual_seed(0)
+    model = H.make_model("resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with H.GradCAM(model, "layer3") as by_name, H.GradCAM(model, model.layer3) as by_module:
+        assert torch.equal(by_name(x, [1, 2]), by_module(x, [1, 2]))
+    with H.GradCAM(model, "layer2.1.conv2") as nested:
+        assert nested(x).shape == (2, 32, 32) and nested.map_size == (16, 16)
+    with pytest.raises(ValueError, match="no layer 'layer5'; top-level layers: conv1, norm1, layer1, .*linear"):
+        H.GradCAM(model, "layer5")
+
+
+def test_non_spatial_layers_and_inference_mode_are_refused_clearly():
+    model = H.make_model("resnet18").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs a layer with feature maps.*'layer3'"):
+        H.GradCAM(model, model.linear)
+    with pytest.raises(ValueError, match="needs a layer with feature maps"):
+        H.GradCAM(model, "linear")
+    flat = torch.nn.Sequential(model, torch.nn.Identity())  # an Identity on logits: (N, 10), no H and W
+    with H.GradCAM(flat, flat[1]) as cam, pytest.raises(ValueError, match=r"gives \(1, 10\).*'layer3'"):
+        cam(x)
+    with H.GradCAM(model, "layer3") as cam:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+            cam(x)
+        assert cam(x).shape == (1, 32, 32)  # outside the block it works
