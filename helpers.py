@@ -42,9 +42,6 @@ from tqdm.auto import tqdm  # noqa: E402
 # Setup
 # =============================================================================================
 
-IN_COLAB = "google.colab" in sys.modules
-
-
 def get_device(name="auto"):
     """Return a torch.device: "auto" picks cuda, then mps, then cpu."""
     if isinstance(name, torch.device):
@@ -75,6 +72,23 @@ def device_name(device="auto"):
                 model = line.split(":", 1)[1].strip()
                 break
     return f"CPU ({model}, {os.cpu_count()} cores)"
+
+
+def workspace(drive_folder, output_dir="outputs", images_dir="images"):
+    """(OUTPUT_DIR, IMAGES_DIR) of the course workspace: on Colab inside drive_folder on Google Drive, else as given."""
+    if "google.colab" not in sys.modules:
+        return output_dir, images_dir  # a local checkout: its own folders
+    if not drive_folder:
+        print("DRIVE_FOLDER = None: outputs and figures stay in this runtime; a reset or disconnect loses them")
+        return output_dir, images_dir
+    from google.colab import drive
+
+    if not Path("/content/drive/MyDrive").exists():
+        drive.mount("/content/drive")  # asks once for permission
+    root = Path(drive_folder)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"workspace on Google Drive: {root} (checkpoints, results and figures survive a runtime reset)")
+    return str(root / output_dir), str(root / images_dir)
 
 
 def seed_everything(seed=0):
@@ -909,6 +923,18 @@ def load_results(output_dir="outputs"):
             continue
         out[record["experiment"]] = record
     return out
+
+
+def print_expected(names, results_dir="outputs"):
+    """Print what the course's own runs of these experiments reached (shipped results files), or 'not measured yet'."""
+    runs = load_results(results_dir)
+    for name in names:
+        rec = runs.get(name)
+        if rec and rec["status"] == "complete":
+            print(f"{name}: {rec['final_test_acc']:.2f}% test accuracy after {rec['epochs_run']} epochs, "
+                  f"{rec['wall_time_s'] / 60:.0f} min on {rec['device']}")
+        else:
+            print(f"{name}: not measured yet")
 
 
 def results_table(output_dir="outputs"):
