@@ -142,6 +142,16 @@ def check_parameters(**params):
     """Check notebook parameters against PARAMETER_RULES before any time is spent; one error lists every bad one."""
     problems = []
     for name, value in params.items():
+        if name in ("MODEL", "NORM"):  # names: one of a list
+            valid = tuple(MODELS) if name == "MODEL" else NORMS
+            problems += [] if value in valid else [f"{name} must be one of {', '.join(valid)}, got {value!r}"]
+            continue
+        if name == "AUGMENT":
+            try:
+                check_augment(value)
+            except ValueError as err:
+                problems.append(f"AUGMENT: {err}")
+            continue
         kind, low, high, none_ok = PARAMETER_RULES[name]
         if value is None and none_ok:
             continue
@@ -688,7 +698,7 @@ def fit(model, data, optimizer, scheduler=None, criterion=None, epochs=20, name=
     if done:
         _check_same_settings(f"'{name}' in {output_dir}", done["config"], cfg)
     cuda = device.type == "cuda"
-    channels_last = channels_last and cuda
+    channels_last = channels_last and device.type in ("cuda", "cpu")  # NHWC: 1.25x on our 2-core CPU too
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -237,6 +237,9 @@ def test_subset_must_fit_the_dataset(fake_cifar):
     ({"VAL_FRACTION": 0.99}, "VAL_FRACTION must be a number from 0 to 0.5"),
     ({"LR": float("nan")}, "LR must be a number"),
     ({"NUM_WORKERS": "many"}, "NUM_WORKERS must be \"auto\" or a whole number"),
+    ({"MODEL": "resnet19"}, "MODEL must be one of resnet18, resnet34, resnet50, got 'resnet19'"),
+    ({"NORM": "batchnorm"}, "NORM must be one of bn, ln, gn"),
+    ({"AUGMENT": {"cutuot": 16}}, "AUGMENT: unknown augmentation"),
 ])
 def test_parameters_are_checked_with_their_valid_range(params, message):
     with pytest.raises(ValueError, match=message):

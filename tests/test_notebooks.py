@@ -76,6 +76,7 @@ def test_one_short_setup_cell_and_one_address_everywhere():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_structure(path):
     nb = load(path)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]  # papermill's
     params = parameters(nb)
     assert params["QUICK"] is False and params.get("SUBSET", None) is None  # the defaults are the real full run
     assert {"DATA_DIR", "IMAGES_DIR"} <= set(params)
@@ -155,3 +156,20 @@ def test_notebook_runs_with_quick_true(path, quick_run):
     if path.name.startswith("02"):
         assert json.loads((out / "outputs" / "lr_finder.json").read_text())["batch_size"] == 32
     print(f"{path.name}: {time.perf_counter() - t0:.0f} s")
+
+
+def test_07_never_trains_or_touches_another_notebooks_run(quick_run):
+    """Pointed at a run that is not there, 07 stops with the runs it could explain; 03's files stay as they were."""
+    import papermill as pm
+
+    out = quick_run["dir"]
+    checkpoints = out / "outputs" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()}
+    assert "resnet18_onecycle_last.pt" in before  # from 03's quick run above
+    values = dict(QUICK=True, DATA_DIR=str(quick_run["data"]), IMAGES_DIR=str(out / "images"),
+                  OUTPUT_DIR=str(out / "outputs"), EXPERIMENT="never_trained")
+    with pytest.raises(pm.PapermillExecutionError, match="run notebook 03 first.*one of: .*resnet18_onecycle"):
+        pm.execute_notebook(str(ROOT / "notebooks" / "07_gradcam_analysis.ipynb"), str(out / "07_missing.ipynb"),
+                            parameters=values, cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()} == before
+    assert not (out / "outputs" / "archive").exists()
