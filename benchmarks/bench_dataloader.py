@@ -5,7 +5,7 @@
 Both pipelines do the same work per image (pad-4 random crop, horizontal flip, Cutout 16x16, normalise, to
 tensor) in DataLoader worker processes, measured in one run on this machine. torchvision's side mirrors
 torchvision.datasets.CIFAR10 (a PIL image per sample, v1 transforms, RandomErasing for Cutout). The
-device-side batched augmentation (helpers.GPULoader) is timed too, here on whatever device is given.
+device-side batched augmentation (benchmarks/gpu_loader.py) is timed too, here on whatever device is given.
 A JSON record goes to benchmarks/results/.
 """
 

@@ -54,7 +54,7 @@ def main():
     if a.checkpoint:
         model, _ = H.model_from_checkpoint(a.checkpoint, device)
     else:
-        model = H.build_model("resnet18").to(device).eval()
+        model = H.make_model("resnet18").to(device).eval()
         with torch.no_grad():
             model.linear.weight.mul_(1e3)
     x = torch.randn(a.images, 3, 32, 32, device=device)
