@@ -133,7 +133,7 @@ PARAMETER_RULES = {
     "WEIGHT_DECAY": ("float", 0.0, 0.1, False), "LABEL_SMOOTHING": ("float", 0.0, 0.5, False),
     "PCT_START": ("float", 0.05, 0.95, False), "GAMMA": ("float", 1e-4, 1.0, False),
     "STEP_SIZE": ("int", 1, 1000, False), "PATIENCE": ("int", 0, 100, False), "FACTOR": ("float", 1e-4, 0.99, False),
-    "NUM_WORKERS": ("workers", 0, 32, False),
+    "NUM_WORKERS": ("workers", 0, 32, False), "THRESHOLD": ("float", 0.0, 100.0, False),
     "NUM_ITER": ("int", 20, 10_000, False), "N_CAM": ("int", 1, 1000, False), "ALPHA": ("float", 0.0, 1.0, False),
 }
 
