@@ -53,7 +53,7 @@ def make_data(cfg, a, device):
     xt, yt = H.load_test_split(a.data_dir, subset=a.subset, seed=a.seed)
     tr, va = H.train_val_split(y, 0.1, seed=a.seed)
     gpu = dict(batch_size=cfg["batch_size"], device=device, seed=a.seed)
-    return H.CifarData(GPULoader(x[tr], y[tr], train=True, **gpu), GPULoader(x[va], y[va], **gpu),
+    return H.CifarLoaders(GPULoader(x[tr], y[tr], train=True, **gpu), GPULoader(x[va], y[va], **gpu),
                        GPULoader(xt, yt, **gpu), xt, yt)
 
 

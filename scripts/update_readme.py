@@ -12,13 +12,13 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(readme, output_dir):
-    """Replace the table between the results markers in README.md with one built from OUTPUT_DIR/results."""
+    """Replace the table between the results markers in README.md with OUTPUT_DIR/results' runs (never QUICK's)."""
     text = Path(readme).read_text()
     if START not in text or END not in text:
         raise ValueError(f"{readme} has no '{START}' ... '{END}' markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    Path(readme).write_text(f"{head}{START}\n{H.results_table(output_dir)}\n{END}{tail}")
+    Path(readme).write_text(f"{head}{START}\n{H.results_table(output_dir, include_quick=False)}\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_gpu_loader_crop_shifts_the_image():
 def test_fit_trains_from_the_gpu_loader(fake_cifar, tmp_path):
     x, y = H.load_cifar10(fake_cifar)
     xt, yt = H.load_cifar10(fake_cifar, train=False)
-    data = H.CifarData(GPULoader(x, y, batch_size=20, train=True, device="cpu"), None,
+    data = H.CifarLoaders(GPULoader(x, y, batch_size=20, train=True, device="cpu"), None,
                        GPULoader(xt, yt, batch_size=25, device="cpu"), xt, yt)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10))
     rec = H.fit(model, data, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, output_dir=tmp_path,

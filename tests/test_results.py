@@ -17,8 +17,9 @@ def record(name, epochs_run, epochs, test_acc, status="complete"):
                "test_loss": [1.0] * epochs_run, "test_acc": [test_acc - 1] * (epochs_run - 1) + [test_acc],
                "epoch_time": [60.0] * epochs_run, "lr": [0.1] * epochs_run}
     model = H.make_model("resnet18")
-    config = {"model": model.arch, "epochs": epochs, "scheduler": "OneCycleLR"}
-    return H.run_record(name, config, history, model, "cpu", 600.0, status)
+    config = {"model": model.arch, "epochs": epochs, "scheduler": {"name": "OneCycleLR"}}
+    return H.run_record(name, config, history, H.count_params(model), "CPU (test)", 600.0, status,
+                        best_epoch=epochs_run)
 
 
 def test_table_lists_every_run_with_its_state(tmp_path):
@@ -35,7 +36,7 @@ def test_table_lists_every_run_with_its_state(tmp_path):
     assert headline["params"] == "11,173,962" and headline["wall time"] == "10.0 min"
     assert headline["model"] == "resnet18 bn" and headline["test acc at best val %"] == "94.12"
     assert rows["steplr_cutout"]["epochs"] == "40/150 (running)"
-    assert rows["my_own_run"]["final test acc %"] == "diverged" and rows["my_own_run"]["epochs"] == "3/20 (diverged)"
+    assert rows["my_own_run"]["epochs"] == "3/20 (stopped: diverged)" and headline["device"] == "CPU (test)"
 
 
 def test_a_bad_results_file_is_skipped_with_one_warning_naming_it(tmp_path):

@@ -121,7 +121,7 @@ def test_plateau_watches_validation_never_the_test_set(data, fake_cifar, tmp_pat
     runs = []
     for label in (9, 0):  # a test set the model gets 100% right, then 0%: the schedule must not change
         test = H.make_loader(xt, np.full_like(yt, label), H.make_transforms(train=False), batch_size=25)
-        d = H.CifarData(data.train, data.val, test, xt, yt)
+        d = H.CifarLoaders(data.train, data.val, test, xt, yt)
         runs.append(run(Frozen(), d, tmp_path / str(label), epochs=8, scheduler=lambda o: (
             torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", patience=2, threshold=0.1,
                                                        threshold_mode="abs", factor=0.1)))["history"])
@@ -129,28 +129,57 @@ def test_plateau_watches_validation_never_the_test_set(data, fake_cifar, tmp_pat
     assert a["test_acc"] == [100.0] * 8 and b["test_acc"] == [0.0] * 8
     assert np.allclose(per_epoch_lr(a), [0.1] * 4 + [0.01] * 3 + [0.001])
     assert a["lr"] == b["lr"]
-    no_val = H.CifarData(data.train, None, data.test, xt, yt)
+    no_val = H.CifarLoaders(data.train, None, data.test, xt, yt)
     with pytest.raises(ValueError, match="validation split"):
         run(Tiny(), no_val, tmp_path, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
     with pytest.raises(ValueError, match="val_acc, val_loss"):
         run(Tiny(), data, tmp_path, monitor="test_acc")
 
 
-def test_checkpoints_are_written_every_epoch(data, tmp_path):
+class StopAfter(Exception):
+    """Raised by a patched save_results: the process 'dies' right after an epoch's record is written."""
+
+
+def interrupt_after(monkeypatch, epoch):
+    """Make fit stop (as a kill would) right after the record of `epoch` is written."""
+    real = H.save_results
+
+    def save(record, output_dir="outputs"):
+        out = real(record, output_dir)
+        if record["epochs_run"] == epoch and record["status"] == "running":
+            raise StopAfter
+        return out
+
+    monkeypatch.setattr(H, "save_results", save)
+    return real
+
+
+def test_checkpoints_every_epoch_then_only_the_best_weights(data, tmp_path, monkeypatch, capsys):
+    """While a run trains: _last.pt (weights, optimizer, schedule, RNG; no second copy of the best weights), _prev.pt
+    and _best.pt. When it finishes: only _best.pt and the results file, and the model holds the best weights."""
     torch.manual_seed(0)
     model = H.make_model("resnet18")
-    rec = run(model, data, tmp_path, epochs=2, lr=0.05, name="exp")
+    real = interrupt_after(monkeypatch, 2)
+    with pytest.raises(StopAfter):
+        run(model, data, tmp_path, epochs=3, lr=0.05, name="exp")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["exp_best.pt", "exp_last.pt", "exp_prev.pt"]  # no .tmp left behind
-    ckpt = H.load_checkpoint(tmp_path / "checkpoints" / "exp_last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["history"]["test_acc"] == rec["history"]["test_acc"]
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "history", "epoch", "rng", "arch", "best"}
+    assert names == ["exp_best.pt", "exp_last.pt", "exp_prev.pt"]  # no .tmp left behind, the lock released
+    last = H.load_checkpoint(tmp_path / "checkpoints" / "exp_last.pt")
+    assert last["epoch"] == 2 and set(last) >= {"model", "optimizer", "scheduler", "scaler", "history", "rng", "arch"}
+    assert last["best"].keys() == {"epoch", "score"}  # the best weights live only in _best.pt
     assert H.load_checkpoint(tmp_path / "checkpoints" / "exp_prev.pt")["epoch"] == 1
+    monkeypatch.setattr(H, "save_results", real)
+    model = H.make_model("resnet18")
+    rec = run(model, data, tmp_path, epochs=3, lr=0.05, name="exp")
+    assert "resumed after epoch 2/3" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["exp_best.pt"]
     best = H.load_checkpoint(tmp_path / "checkpoints" / "exp_best.pt")
-    assert best["epoch"] == 1 + int(np.argmax(rec["history"]["val_acc"]))
-    rebuilt, _ = H.model_from_checkpoint(tmp_path / "checkpoints" / "exp_last.pt")
-    for (k, v), (_, w) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
-        assert torch.equal(v, w), k
+    assert best["epoch"] == rec["best_epoch"] == 1 + int(np.argmax(rec["history"]["val_acc"]))
+    assert rec["test_acc_at_best_val"] == rec["history"]["test_acc"][best["epoch"] - 1]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.cpu(), best["model"][k]), k  # fit leaves the best weights in the model
+    rebuilt, _ = H.model_from_checkpoint(tmp_path / "checkpoints" / "exp_best.pt")
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in best["model"].items())
 
 
 def test_a_finished_run_is_loaded_not_retrained(data, tmp_path, capsys):
@@ -158,9 +187,12 @@ def test_a_finished_run_is_loaded_not_retrained(data, tmp_path, capsys):
     first = run(Tiny(), data, tmp_path, epochs=2, name="done")
     model = Tiny()
     again = run(model, data, tmp_path, epochs=2, name="done", config={"num_workers": 2, "amp": False})  # speed only
-    assert again == first and "loaded epoch 2/2" in capsys.readouterr().out
-    saved = H.load_checkpoint(tmp_path / "checkpoints" / "done_last.pt")["model"]
+    assert again == first and "finished earlier (2/2 epochs); loaded its best weights" in capsys.readouterr().out
+    saved = H.load_checkpoint(tmp_path / "checkpoints" / "done_best.pt")["model"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    (tmp_path / "checkpoints" / "done_best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="finished earlier.*done_best.pt is missing.*START_OVER"):
+        run(Tiny(), data, tmp_path, epochs=2, name="done")
 
 
 def test_changed_settings_stop_with_what_differs_and_lose_nothing(data, tmp_path):
@@ -174,7 +206,7 @@ def test_changed_settings_stop_with_what_differs_and_lose_nothing(data, tmp_path
         run(Tiny(), data, tmp_path, epochs=3, name="e", config={"augment": {"cutout": 0}})
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == before  # nothing moved or deleted
     rec = run(Tiny(), data, tmp_path, epochs=3, name="e", config={"augment": {"cutout": 0}}, start_over=True)
-    assert rec["epochs_run"] == 3 and len(list((tmp_path / "archive").glob("e_*/e_last.pt"))) == 1
+    assert rec["epochs_run"] == 3 and len(list((tmp_path / "archive").glob("e_*/e_best.pt"))) == 1
 
 
 class Boom(Tiny):
@@ -192,55 +224,73 @@ class Boom(Tiny):
 
 def test_a_diverged_run_stops_keeps_the_last_good_checkpoint_and_says_so(data, tmp_path):
     steps = len(data.train)
-    with pytest.raises(H.Diverged, match=rf"epoch 2: the loss became NaN or infinite at step 3 of {steps} .*LR 0\.1.*"
-                                         r"lower LR.*last good checkpoint \(epoch 1\)"):
+    with pytest.raises(H.Diverged, match=rf"'nan' stopped: the training loss became NaN or infinite at step 3 of "
+                                         rf"{steps} \(epoch 2/3\) with LR 0\.1.*try a tenth.*last good checkpoint "
+                                         r"\(epoch 1\) is kept.*recorded as stopped"):
         run(Boom(good=steps + 2), data, tmp_path, epochs=3, name="nan")
     assert H.load_checkpoint(tmp_path / "checkpoints" / "nan_last.pt")["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in H.load_checkpoint(tmp_path / "checkpoints" / "nan_last.pt")[
         "model"].values() if v.is_floating_point())
     rec = H.load_results(tmp_path)["nan"]
     assert rec["status"] == "diverged" and rec["epochs_run"] == 1 and "step 3" in rec["error"]
-    assert "| nan |" in H.results_table(tmp_path) and "diverged" in H.results_table(tmp_path).splitlines()[-1]
+    assert "1/3 (stopped: diverged)" in H.results_table(tmp_path)
     again = run(Tiny(), data, tmp_path, epochs=3, name="nan")  # a rerun trains again, from scratch
     assert again["status"] == "complete" and again["epochs_run"] == 3
     assert list((tmp_path / "archive").glob("nan_*/nan.json"))
 
 
-def test_best_is_repaired_after_a_kill_between_last_and_best(data, tmp_path, monkeypatch):
-    """Killed after last.pt but before best.pt was written: the next run rewrites best.pt from last.pt."""
-    real = H._repair_best
-    calls = []
+def test_best_is_repaired_after_a_kill_between_last_and_best(fake_cifar, tmp_path, monkeypatch):
+    """Killed after _last.pt but before _best.pt: the best epoch is the last one, whose weights _last.pt holds."""
+    no_val = H.make_data(fake_cifar, batch_size=20, val_fraction=0, device="cpu", num_workers=0)  # best = last
+    real = H._Run._write_best
 
-    def killed(path, best, ckpt):
-        calls.append(ckpt["epoch"])
-        if ckpt["epoch"] == 2:
+    def killed(self, model):
+        if self.epoch == 2:
             raise KeyboardInterrupt  # the process dies here
-        real(path, best, ckpt)
+        real(self, model)
 
-    monkeypatch.setattr(H, "_repair_best", killed)
+    monkeypatch.setattr(H._Run, "_write_best", killed)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        run(Tiny(), data, tmp_path, epochs=3, lr=0.3, name="k")
-    monkeypatch.setattr(H, "_repair_best", real)
-    (tmp_path / "checkpoints" / "k_best.pt").unlink()  # the worst case: no best file at all
-    rec = run(Tiny(), data, tmp_path, epochs=3, lr=0.3, name="k")
+        run(Tiny(), no_val, tmp_path, epochs=2, lr=0.3, name="k")
+    monkeypatch.setattr(H._Run, "_write_best", real)
+    assert H.load_checkpoint(tmp_path / "checkpoints" / "k_best.pt")["epoch"] == 1
+    last = H.load_checkpoint(tmp_path / "checkpoints" / "k_last.pt")
+    rec = run(Tiny(), no_val, tmp_path, epochs=2, lr=0.3, name="k")  # nothing left to train: repair, finish
     best = H.load_checkpoint(tmp_path / "checkpoints" / "k_best.pt")
-    val = rec["history"]["val_acc"]
-    assert best["epoch"] == 1 + int(np.argmax(val)) and best["history"]["val_acc"] == val[:best["epoch"]]
+    assert best["epoch"] == 2 == rec["epochs_run"] and rec["status"] == "complete"
+    assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
 
 
-def test_damaged_checkpoints_name_the_file_and_the_way_forward(data, tmp_path, capsys):
-    run(Tiny(), data, tmp_path, epochs=2, name="d")
+def test_a_lost_best_checkpoint_is_chosen_again_with_a_warning(data, tmp_path, monkeypatch):
+    """_best.pt deleted mid-run while it held an earlier epoch: those weights are gone; the best is chosen anew."""
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(StopAfter):
+        run(Frozen(), data, tmp_path, epochs=3, name="f")  # flat validation accuracy: epoch 1 stays the best
+    monkeypatch.undo()
+    assert H.load_checkpoint(tmp_path / "checkpoints" / "f_best.pt")["epoch"] == 1
+    (tmp_path / "checkpoints" / "f_best.pt").unlink()
+    with pytest.warns(UserWarning, match=r"f_best.pt does not hold the best epoch \(1\); the best is chosen again "
+                                         r"from epoch 2 on"):
+        rec = run(Frozen(), data, tmp_path, epochs=3, name="f")
+    assert rec["best_epoch"] == 2 and H.load_checkpoint(tmp_path / "checkpoints" / "f_best.pt")["epoch"] == 2
+
+
+def test_damaged_checkpoints_name_the_file_and_the_way_forward(data, tmp_path, monkeypatch, capsys):
+    real = interrupt_after(monkeypatch, 2)
+    with pytest.raises(StopAfter):
+        run(Tiny(), data, tmp_path, epochs=3, name="d")
+    monkeypatch.setattr(H, "save_results", real)
     last = tmp_path / "checkpoints" / "d_last.pt"
     last.write_bytes(b"")  # 0 bytes, e.g. a Drive sync that never finished
     with pytest.raises(ValueError, match=r"d_last\.pt is damaged \(0 bytes.*H\.set_aside"):
         H.load_checkpoint(last)
     with pytest.raises(ValueError, match="is damaged"):
-        run(Tiny(), data, tmp_path, epochs=2, name="d")
+        run(Tiny(), data, tmp_path, epochs=3, name="d")
     H.set_aside(last)
     assert list(last.parent.glob("d_last.pt.damaged-*"))
-    rec = run(Tiny(), data, tmp_path, epochs=2, name="d")  # resumes from d_prev.pt (epoch 1)
-    assert "loaded epoch 1/2 from" in capsys.readouterr().out and rec["epochs_run"] == 2
+    rec = run(Tiny(), data, tmp_path, epochs=3, name="d")  # resumes from d_prev.pt (epoch 1)
+    assert "resumed after epoch 1/3 from" in capsys.readouterr().out and rec["epochs_run"] == 3
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -282,7 +332,7 @@ RUN = textwrap.dedent("""
     save = H.save_results
     def save_then_die(record, output_dir):
         save(record, output_dir)
-        if record["epochs_run"] == kill_after:
+        if record["epochs_run"] == kill_after and record["status"] == "running":
             os.kill(os.getpid(), signal.SIGKILL)
         return record
     H.save_results = save_then_die
@@ -310,9 +360,10 @@ def test_killed_run_resumes_to_the_same_result(fake_cifar, tmp_path):
     killed = go("b", 1, "killed")
     assert killed.returncode == -9  # SIGKILL: no cleanup ran
     assert H.load_checkpoint(tmp_path / "b" / "checkpoints" / "run_last.pt")["epoch"] == 1
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
     resumed = go("b", 0, "resumed")
     assert resumed.returncode == 0, resumed.stderr
-    assert "'run': loaded epoch 1/3" in resumed.stdout
+    assert "'run': resumed after epoch 1/3" in resumed.stdout
     h1, h2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("straight", "resumed"))
     for key in h1:
         if key != "epoch_time":
