@@ -56,3 +56,33 @@ def data_dir(tmp_path_factory):
     if (mini / "cifar-10-batches-py" / "test_batch").exists():
         return mini
     return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar_nb"), n_train=1000, n_test=200)
+
+
+def _files(*folders):
+    return {p: p.stat().st_mtime_ns for f in folders for p in Path(f).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def student_run(tmp_path_factory, data_dir):
+    """The series as a student runs it on Colab (faked; /content and Drive in a temporary folder), each notebook in
+    a fresh kernel: 01-07 with QUICK = True, 03 again (a new runtime), then a real 03 on the same Drive (QUICK =
+    False, one short epoch), with a name and three answers typed in. Shared by the tests that read its outputs."""
+    from student import fake_colab, run_as_student
+
+    root = tmp_path_factory.mktemp("student")
+    env, content = fake_colab(root)
+    data = repr(str(data_dir))
+    checkout = _files(ROOT / "outputs", ROOT / "images")
+    run = {"env": env, "data": data_dir, "workspace": content / "drive" / "MyDrive" / "resnet-cifar10-course",
+           "notebooks": {}}
+    for number in ("01", "02", "03", "04", "05", "06", "07"):
+        run["notebooks"][number] = run_as_student(number, env, out=root / f"{number}.ipynb", QUICK="True",
+                                                  DATA_DIR=data)
+    run["quick_03_again"] = run_as_student("03", env, out=root / "03_again.ipynb", QUICK="True", DATA_DIR=data)
+    run["drive_before_real_run"] = sorted(p for p in run["workspace"].rglob("*") if p.is_file())
+    run["checkout_untouched"] = _files(ROOT / "outputs", ROOT / "images") == checkout
+    run["real_03"] = run_as_student(
+        "03", env, out=root / "03_real.ipynb", DATA_DIR=data, SUBSET="500", EPOCHS="1", BATCH_SIZE="32",
+        N_SEEDS="1", answers={"STUDENT": '"Bob"', "ANSWER_03_1": "75", "ANSWER_03_2": "(1, 0)",
+                              "ANSWER_03_3": '"one step lowered the loss"'})
+    return run

@@ -1,73 +1,124 @@
-"""The course as Colab runs it: google.colab faked, Drive replaced by a temporary folder; the setup cell's message;
-scripts/set_repo_url.py on a copy of the checkout."""
+"""The course on Colab: the setup cell's three failure messages, the Drive workspace's rules, and
+scripts/set_repo_url.py on a copy of the checkout. Colab is faked; /content and Drive are temporary folders."""
 
 import shutil
 import subprocess
 import sys
+import types
 
 import nbformat
-import papermill as pm
 import pytest
 from conftest import ROOT
+from nbclient.exceptions import CellExecutionError
+from student import fake_colab
+
+import helpers as H
 
 NOTEBOOKS = ROOT / "notebooks"
 
 
+def setup_cell_alone(tmp_path, env, **lines):
+    """Run only the setup cell of a notebook copied where no course code is (a download, or Colab's fresh runtime)."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / "01_data_exploration.ipynb", as_version=4)
+    setup = next(c for c in nb.cells if c.cell_type == "code")
+    for old, new in lines.items():
+        assert old in setup.source
+        setup.source = setup.source.replace(old, new)
+    nb.cells = [setup]
+    lone = tmp_path / "downloads"
+    lone.mkdir(exist_ok=True)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(lone)}})
+    with pytest.raises(CellExecutionError) as err:
+        client.execute(env=env)
+    assert err.value.ename == "SystemExit", err.value  # one message, no cascade of NameErrors
+    return err.value.evalue  # the message alone, not the cell's source
+
+
+def test_on_a_laptop_without_the_course_the_setup_cell_says_how_to_get_it(tmp_path):
+    message = setup_cell_alone(tmp_path, {**fake_colab(tmp_path)[0], "PYTHONPATH": ""})  # no google.colab
+    assert "git clone the course's repository" in message and "pip install -r requirements.txt" in message
+    assert "notebooks/ folder" in message and "Teacher" not in message
+
+
+def test_on_colab_with_the_placeholder_address_the_setup_cell_names_the_teachers_step(tmp_path):
+    env, content = fake_colab(tmp_path)
+    message = setup_cell_alone(tmp_path, env)
+    assert "Teacher: run scripts/set_repo_url.py" in message and "Student: open the notebook from the link" in message
+    assert not (content / "course").exists()  # nothing cloned
+
+
+@pytest.mark.parametrize("case", ["no such repository", "no such tag"])
+def test_on_colab_a_failed_clone_quotes_git(tmp_path, case):
+    env, content = fake_colab(tmp_path)
+    repo = tmp_path / "remote.git"
+    if case == "no such tag":  # a real repository without the tag asked for
+        subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+        work = tmp_path / "work"
+        subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
+        (work / "README.md").write_text("course\n")
+        for args in (["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"],
+                     ["push", "-q", "origin", "HEAD"]):
+            subprocess.run(["git", "-C", str(work), *args], check=True, capture_output=True)
+    url = f"file://{repo}"
+    message = setup_cell_alone(tmp_path, env, **{
+        '"https://github.com/YOUR-ORG/resnet-cifar10-gradcam", "main"': f'"{url}", "v9.9"'})
+    assert f"Could not fetch the course ({url} at v9.9); git said: fatal: " in message
+    assert ("does not appear to be a git repository" in message or "does not exist" in message) if case == \
+        "no such repository" else "v9.9 not found" in message
+    assert "Teacher: check the address and the tag" in message and "internet" in message
+
+
 @pytest.fixture
-def fake_colab(tmp_path, monkeypatch):
-    """Kernels started from here see a google.colab module (imported at start-up, as on Colab) whose
-    drive.mount only records the call."""
-    fake = tmp_path / "fake_colab"
-    (fake / "google" / "colab").mkdir(parents=True)
-    (fake / "google" / "colab" / "__init__.py").write_text("")
-    (fake / "google" / "colab" / "drive.py").write_text("def mount(path, **kw):\n    print('[fake] mounted', path)\n")
-    (fake / "sitecustomize.py").write_text("import google.colab  # noqa: F401\n")
-    monkeypatch.setenv("PYTHONPATH", str(fake))
-    return fake
+def on_colab(tmp_path, monkeypatch):
+    """This process believes it is on Colab: google.colab imports, /content is tmp_path/content."""
+    colab = types.ModuleType("google.colab")
+    drive = types.ModuleType("google.colab.drive")
+    mounted = []
+    drive.mount = lambda path, **kw: (mounted.append(path), (tmp_path / "content" / "drive" / "MyDrive").mkdir(
+        parents=True, exist_ok=True))
+    colab.drive = drive
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+    monkeypatch.setattr(H, "COLAB_CONTENT", tmp_path / "content")
+    return mounted
 
 
-def run(name, out, **parameters):
-    pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=parameters, cwd=str(NOTEBOOKS),
-                        kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
-    nb = nbformat.read(out, as_version=4)
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+def test_drive_folder_a_name_is_a_folder_in_mydrive_and_says_so(on_colab, tmp_path, capsys):
+    out, images = H.workspace("my-course")
+    drive = tmp_path / "content" / "drive"
+    assert out == str(drive / "MyDrive" / "my-course" / "outputs") and on_colab == [str(drive)]
+    text = capsys.readouterr().out
+    assert "'my-course' is a name, not a path: using" in text and "workspace on Google Drive" in text
+    out, _ = H.workspace(str(drive / "MyDrive" / "x"), quick=True)  # absolute inside Drive: fine; mounted once
+    assert out == str(drive / "MyDrive" / "x" / "outputs" / "quick") and len(on_colab) == 1
 
 
-def test_notebooks_share_one_workspace_on_drive_and_resume_from_it(fake_colab, tmp_path, data_dir):
-    drive = tmp_path / "MyDrive" / "course"
-    common = dict(QUICK=True, DATA_DIR=str(data_dir), DRIVE_FOLDER=str(drive))
-    first = run("03_resnet18_onecycle.ipynb", tmp_path / "03a.ipynb", **common)
-    assert "[fake] mounted /content/drive" in first and f"workspace on Google Drive: {drive}" in first
-    assert (drive / "outputs" / "checkpoints" / "resnet18_onecycle_last.pt").exists()
-    assert (drive / "outputs" / "results" / "resnet18_onecycle.json").exists()
-    assert (drive / "images" / "03_history.png").exists()
-    assert not (ROOT / "outputs" / "checkpoints" / "resnet18_onecycle_last.pt").exists()  # nothing local
-    explained = run("07_gradcam_analysis.ipynb", tmp_path / "07.ipynb", **common)  # another kernel, 03's model
-    assert f"loaded {drive / 'outputs' / 'checkpoints' / 'resnet18_onecycle_best.pt'}" in explained
-    assert (drive / "images" / "07_gradcam_layer3.png").exists()
-    again = run("03_resnet18_onecycle.ipynb", tmp_path / "03b.ipynb", **common)  # a fresh runtime
-    assert "'resnet18_onecycle': loaded epoch 1/1" in again and "epoch   1/1 |" not in again
+@pytest.mark.parametrize("folder", ["/tmp/course", "{content}/drive", "{content}/drive/MyDrive/../../x", ""])
+def test_drive_folder_outside_google_drive_is_refused(on_colab, tmp_path, folder):
+    with pytest.raises(ValueError, match="DRIVE_FOLDER must be a folder") as err:
+        H.workspace(folder.format(content=tmp_path / "content"))
+    assert "lost when the runtime resets" in str(err.value) or "(or None)" in str(err.value)
+    assert not (tmp_path / "x").exists()
 
 
-def test_drive_can_be_turned_off(fake_colab, tmp_path, data_dir):
-    text = run("01_data_exploration.ipynb", tmp_path / "01.ipynb", QUICK=True, DATA_DIR=str(data_dir),
-               DRIVE_FOLDER=None, IMAGES_DIR=str(tmp_path / "images"))
-    assert "DRIVE_FOLDER = None: outputs and figures stay in this runtime; a reset or disconnect loses them" in text
-    assert "mounted" not in text
+def test_a_workspace_that_cannot_be_written_is_refused_with_the_reason(on_colab, tmp_path):
+    drive = tmp_path / "content" / "drive" / "MyDrive"
+    drive.mkdir(parents=True)
+    (drive / "blocked").write_text("a file where the course folder should be")
+    with pytest.raises(ValueError, match=r"blocked/outputs.*is a file, not a folder|blocked.*is a file"):
+        H.workspace("blocked")
+    with pytest.raises(ValueError, match="cannot write to /proc/course"):
+        H.workspace(None, output_dir="/proc/course")  # a read-only file system, even for root
 
 
-@pytest.mark.parametrize("colab", [False, True], ids=["local", "colab"])
-def test_without_the_course_code_the_setup_cell_says_what_to_do(tmp_path, colab, request):
-    if colab:
-        request.getfixturevalue("fake_colab")
-    lone = tmp_path / "lone"
-    lone.mkdir()
-    shutil.copy(NOTEBOOKS / "01_data_exploration.ipynb", lone / "01.ipynb")
-    with pytest.raises(pm.PapermillExecutionError) as err:
-        pm.execute_notebook(str(lone / "01.ipynb"), str(lone / "out.ipynb"), cwd=str(lone), kernel_name="python3",
-                            progress_bar=False)
-    assert "The course code is not here" in str(err.value) and "scripts/set_repo_url.py" in str(err.value)
-    assert err.value.ename == "SystemExit"  # one message, no cascade of NameErrors
+def test_drive_folder_none_stays_in_the_runtime_and_says_a_reset_loses_it(on_colab, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert H.workspace(None) == ("outputs", "images") and on_colab == []
+    assert "a reset or disconnect loses them" in capsys.readouterr().out
 
 
 def test_set_repo_url_rewrites_every_notebook_and_readme(tmp_path):
@@ -88,7 +139,21 @@ def test_set_repo_url_rewrites_every_notebook_and_readme(tmp_path):
             assert f'REPO_URL, REPO_REF = "{url}", "{ref}"' in setup
             badge = f"colab.research.google.com/github/{path}/blob/{ref}/notebooks/{nb_path.name}"
             assert badge in nb.cells[0].source and badge in readme
-            assert "YOUR-ORG" not in setup.replace('"YOUR-ORG" not in REPO_URL', "") + nb.cells[0].source
         assert "YOUR-ORG/" not in readme
     bad = subprocess.run([*script, "https://gitlab.com/x/y", "--root", str(copy)], capture_output=True, text=True)
     assert bad.returncode != 0 and "not a GitHub repository address" in bad.stderr
+
+
+@pytest.mark.parametrize("ref", ["v1; touch X #", 'main" + str(__import__("os").system("id")) + "', "-v1", "a..b",
+                                 "v1.lock", "a b", ""])
+def test_set_repo_url_refuses_a_ref_git_would_refuse(tmp_path, ref):
+    """The ref lands in Python source and in git's arguments: only git's ref names may get there."""
+    copy = tmp_path / "course"
+    shutil.copytree(NOTEBOOKS, copy / "notebooks")
+    shutil.copy(ROOT / "README.md", copy / "README.md")
+    before = {p.name: p.read_bytes() for p in (copy / "notebooks").iterdir()}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_repo_url.py"),
+                           "https://github.com/my-school/course", f"--ref={ref}", "--root", str(copy)],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "not a branch or tag name" in done.stderr
+    assert {p.name: p.read_bytes() for p in (copy / "notebooks").iterdir()} == before

@@ -1,13 +1,19 @@
-"""Every notebook: its structure, the mechanics it teaches, and a real papermill run with QUICK = True."""
+"""Every notebook: its structure as committed, the mechanics it teaches, and one QUICK run of the whole series done
+the way a student does it (the parameters cell's source edited, Run all with nbclient, a faked Colab with Drive and
+/content in temporary folders), followed by a real run on the same Drive."""
 
 import ast
 import json
 import re
-import time
+import zipfile
 
 import nbformat
 import pytest
 from conftest import ROOT
+from nbclient.exceptions import CellExecutionError
+from student import printed, run_as_student
+
+import helpers as H
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {  # what each notebook must save (more is fine)
@@ -26,9 +32,16 @@ MECHANICS = {  # what each notebook writes out in its own code cells (then check
            "lr_scheduler.OneCycleLR(", "nn.CrossEntropyLoss(", "H.BasicBlock(", "torch.allclose(", "H.fit("],
     "04": ["lr_scheduler.StepLR(", "schedule.step()", "F.nll_loss(", "H.fit("],
     "05": ["lr_scheduler.ReduceLROnPlateau(", "plateau.step(val_acc)", "last_stride=LAST_STRIDE", "H.fit("],
-    "06": ['H.make_norm("ln"', "mean(dim=(1, 2, 3))", "for sched_name in SCHEDULERS", "torch.optim.Adam(", "resnet50"],
+    "06": ['H.make_norm("ln"', "mean(dim=(1, 2, 3))", "for sched_name in GRID_SCHEDULERS", "torch.optim.Adam(",
+           "resnet50"],
     "07": ["register_forward_hook(", "torch.autograd.grad(", ".mean(dim=(2, 3))", "F.relu(", "torch.allclose(",
            "reset_parameters()", "H.GradCAMPlusPlus", "H.mistake_explorer("],
+}
+PRINTED = {  # what each notebook's QUICK run must print: its checks came out right
+    "03": ["by hand = block: True", "H.train_one_epoch give the same weights: True", "per batch"],
+    "04": ["equal: True", "per epoch"], "05": ["per metric"],
+    "06": ["image 0 unchanged when the others change: BatchNorm False | LayerNorm True"],
+    "07": ["by hand equals H.GradCAM: True", "rank correlation with the trained maps"],
 }
 
 
@@ -54,15 +67,45 @@ def parameters(nb):
 
 def test_the_series_is_complete():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
-    assert NOTEBOOKS[0].name == "01_data_exploration.ipynb" and NOTEBOOKS[-1].name == "07_gradcam_analysis.ipynb"
 
 
-def test_one_short_setup_cell_and_one_address_everywhere():
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_runs_its_own_defaults(path):
+    """No papermill cell, no second parameters cell: a student's Run all runs the parameters cell as it stands."""
+    nb = load(path)
+    tags = [t for c in nb.cells for t in c.metadata.get("tags", [])]
+    assert "injected-parameters" not in tags, "papermill's injected cell would override the parameters cell"
+    assert tags.count("parameters") == 1
+    sources = [c.source for c in code(nb)]
+    assert not [s for s in sources if s.lstrip().startswith("# Parameters")], "an untagged copy of an injected cell"
+    params = parameters(nb)
+    assert params["QUICK"] is False and params.get("SUBSET", None) is None and params.get("CLASS_BUDGET") in (None,
+                                                                                                            False)
+    assert params["DRIVE_FOLDER"] == "resnet-cifar10-course"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_notebooks_say_how_they_were_run(path):
+    """A notebook committed with outputs has a banner (settings, hardware, date) and no QUICK or widget output."""
+    nb = load(path)
+    if not any(c.get("outputs") for c in code(nb)):
+        assert not [c for c in nb.cells if "run-banner" in c.metadata.get("tags", [])]
+        return
+    banners = [c for c in nb.cells if "run-banner" in c.metadata.get("tags", [])]
+    assert len(banners) == 1 and nb.cells.index(banners[0]) == 1
+    text = banners[0].source
+    assert re.search(r"Executed on \d{4}-\d{2}-\d{2} on .+, in [\d.]+ min", text) and "Run all" in text
+    assert "QUICK = True" not in text and "SUBSET" not in text
+    widget = "application/vnd.jupyter.widget-view+json"
+    assert not [o for c in code(nb) for o in c.outputs if widget in o.get("data", {})], "stateless widget outputs"
+    assert "QUICK = True: a sandbox" not in "".join(o.get("text", "") for c in code(nb) for o in c.outputs)
+
+
+def test_one_setup_cell_and_one_address_everywhere():
     setups = {code(load(p))[0].source for p in NOTEBOOKS}
     assert len(setups) == 1, "the setup cell differs between notebooks"
     setup = setups.pop()
-    lines = [ln for ln in setup.splitlines() if ln.strip() and not ln.startswith(("#", "import ", "from "))]
-    assert len(lines) <= 10 and "google.colab" in setup and "H.print_versions()" in setup  # about 8 statements
+    assert "google.colab" in setup and "H.print_versions()" in setup and "!" not in setup.replace("!=", "")
     url = re.search(r'REPO_URL, REPO_REF = "([^"]+)", "([^"]+)"', setup)
     readme = (ROOT / "README.md").read_text()
     assert url and url.group(1) in readme
@@ -76,10 +119,11 @@ def test_one_short_setup_cell_and_one_address_everywhere():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_structure(path):
     nb = load(path)
-    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]  # papermill's
+    nb.cells = [c for c in nb.cells if "run-banner" not in c.metadata.get("tags", [])]
+    number = path.name[:2]
     params = parameters(nb)
-    assert params["QUICK"] is False and params.get("SUBSET", None) is None  # the defaults are the real full run
-    assert {"DATA_DIR", "IMAGES_DIR"} <= set(params)
+    assert {"DATA_DIR", "IMAGES_DIR", "OUTPUT_DIR", "DRIVE_FOLDER"} <= set(params)
+    assert ("CLASS_BUDGET" in params) == (number in ("03", "04", "05", "06"))
     for line in parameters_cell(nb).source.splitlines():
         if "=" in line.split("#")[0] and not line.startswith(" "):
             assert "#" in line, f"parameter without a comment: {line}"
@@ -87,15 +131,41 @@ def test_notebook_structure(path):
     for i, cell in enumerate(nb.cells[index + 1:], start=index + 1):
         if cell.cell_type == "code":
             assert nb.cells[i - 1].cell_type == "markdown", f"cell {i} has no markdown before it"
-    assert "if QUICK:" in nb.cells[index + 2].source and "H.check_parameters(" in nb.cells[index + 2].source
-    text = [c.source for c in nb.cells if c.cell_type == "markdown"]
-    assert any("## Takeaways" in t for t in text) and any("## Exercises" in t for t in text)
-    exercises = len(re.findall(r"^\d\. ", next(t for t in text if "## Exercises" in t), re.M))
-    assert 3 <= exercises <= 5 and sum(t.startswith("**Your answer") for t in text) == exercises
-    assert "Hand-in summary" in nb.cells[-2].source and nb.cells[-1].cell_type == "code"
+    checks = nb.cells[index + 2].source
+    assert "if QUICK:" in checks and "H.check_parameters(" in checks and "quick=QUICK" in checks
+    first = nb.cells[0].source
+    assert "**Cost.**" in first and "Drive" in first and ("T4" in first or number == "01")
+    if number not in ("01", "02", "07"):
+        assert "estimate" in first and "basis" in first and "**Class budget**" in first
     for name in re.findall(r'save_figure\(fig, IMAGES_DIR, f?"([^"]+)"', "\n".join(c.source for c in code(nb))):
         assert name.startswith(path.name[:3]), name
-    assert ("accelerator" in nb.metadata) == (path.name[:2] != "01"), "only the training notebooks ask for a GPU"
+    assert ("accelerator" in nb.metadata) == (number not in ("01", "02")), "only 03-07 ask for a GPU"
+    text = "\n".join(c.source for c in nb.cells).lower()
+    for wrong in ("seed 00", "seeds 00", "seed report", "the seeds'", "the seed's", "seed-faithful"):
+        assert wrong not in text, f"a student report called a seed: {wrong!r} (say 'report 000')"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_have_ids_answer_cells_and_a_hand_in(path):
+    nb = load(path)
+    number = path.name[:2]
+    ids = re.findall(rf"\*\*Exercise ({number}\.\d)\*\* \(([^)]+)\)", "\n".join(c.source for c in nb.cells))
+    assert 3 <= len(ids) <= 5 and [i for i, _ in ids] == [f"{number}.{k}" for k in range(1, len(ids) + 1)]
+    spec = H.notebook_spec(path.stem)
+    assert spec["exercises"] == [i for i, _ in ids], "every exercise has an ANSWER_ cell, in order"
+    for exercise, cost in ids:
+        cell = next(i for i, c in enumerate(nb.cells) if f"**Exercise {exercise}**" in c.source)
+        answer = nb.cells[cell + 1]
+        assert answer.cell_type == "code" and f"ANSWER_{exercise.replace('.', '_')} = " in answer.source
+        checked = f'H.check_answer("{exercise}"' in answer.source
+        assert checked == (exercise in H.ANSWER_CHECKS), f"{exercise}: self-check and ANSWER_CHECKS disagree"
+        assert checked or "*A good answer*" in nb.cells[cell].source, f"{exercise}: an open question needs a checklist"
+        assert any(w in cost for w in ("no cost", "seconds", "min", "hour")), f"{exercise}: no cost in {cost!r}"
+    last = nb.cells[-1]
+    assert last.cell_type == "code" and f'H.hand_in("{path.stem}", globals()' in last.source
+    assert "STUDENT = " in last.source
+    hand_in = nb.cells[-2].source
+    assert "Save a copy in Drive" in hand_in and "Download .ipynb" in hand_in and "zip" in hand_in
 
 
 @pytest.mark.parametrize("number", sorted(MECHANICS))
@@ -106,70 +176,100 @@ def test_each_mechanism_is_written_out_in_its_notebook(number):
     assert "def " not in source, "functions belong in helpers.py"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_notebooks_hold_no_quick_run_output(path):
-    nb = load(path)
-    if not any(c.get("outputs") for c in code(nb)):
-        return  # no outputs at all: fine
-    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected, "outputs without papermill's injected parameters: where do they come from?"
-    for cell in injected:
-        values = {t.targets[0].id: ast.literal_eval(t.value) for t in ast.parse(cell.source).body}
-        assert not values.get("QUICK") and values.get("SUBSET") is None, "outputs of a quick run"
-    widget = "application/vnd.jupyter.widget-view+json"
-    widgets = [o for c in code(nb) for o in c.outputs if widget in o.get("data", {})]
-    assert not widgets, "stateless widget outputs render as empty bars: strip them"
+# ---- the student's path, run once for the whole module (and for tests/test_teacher.py) ----------------------
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, data_dir):
-    """A folder shared by the notebooks of one quick run, in order (02 feeds 03, 03 feeds 07)."""
-    return {"dir": tmp_path_factory.mktemp("quick_run"), "data": data_dir}
+@pytest.mark.parametrize("number", ["01", "02", "03", "04", "05", "06", "07"])
+def test_quick_run_as_a_student(number, student_run):
+    """QUICK = True typed into the parameters cell, Run all on a fresh kernel: every cell runs, the figures and the
+    hand-in zip land in the QUICK sandbox on Drive, and the checks the notebook teaches print True."""
+    nb, ws = student_run["notebooks"][number], student_run["workspace"]
+    text = printed(nb)
+    assert f"QUICK = True: a sandbox. Everything goes to {ws / 'outputs' / 'quick'}" in text
+    written = {p.name for p in (ws / "images" / "quick").glob(f"{number}_*.png")}
+    assert FIGURES[number] <= written, f"missing figures: {FIGURES[number] - written}"
+    for expected in PRINTED.get(number, []):
+        assert expected in text, f"{number} did not print {expected!r}"
+    assert "This is a QUICK run: its numbers mean nothing" in text
+    with zipfile.ZipFile(next((ws / "outputs" / "quick" / "handin").glob(f"{number}_*.zip"))) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        names = z.namelist()
+        records = {n: json.loads(z.read(n)) for n in names if n.startswith("results/")}
+    assert manifest["quick"] is True and manifest["notebook"].startswith(number)
+    assert {f"figures/{f}" for f in FIGURES[number]} <= set(names)
+    assert manifest["missing_answers"] == H.notebook_spec(manifest["notebook"])["exercises"]  # nothing typed in
+    assert manifest["parameters"]["QUICK"] is True
+    assert sorted(f"results/{name}.json" for name in manifest["runs"]) == sorted(n for n in names
+                                                                                if n.startswith("results/"))
+    assert (number in ("01", "02")) == (not manifest["runs"])
+    for record in records.values():
+        assert record["quick"] is True and record["status"] == "complete"
+        assert H.record_checksum(record) == record["checksum"]
 
 
-def outputs_text(nb):
-    return "".join(o.get("text", "") for c in code(nb) for o in c.outputs if o.get("output_type") == "stream")
+def test_quick_runs_write_only_to_their_sandbox_on_drive(student_run):
+    """Nothing of the QUICK series outside quick/ on Drive, nothing in the checkout, no lr_finder.json a real run
+    would read; and a finished run keeps only its best weights."""
+    ws = student_run["workspace"]
+    outside = [p for p in student_run["drive_before_real_run"] if "quick" not in p.relative_to(ws).parts]
+    assert outside == [], outside
+    assert student_run["checkout_untouched"]
+    checkpoints = sorted(p.name for p in (ws / "outputs" / "quick" / "checkpoints").glob("resnet18_onecycle*"))
+    assert checkpoints == ["resnet18_onecycle_best.pt"]  # _last.pt and _prev.pt freed at the end
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_with_quick_true(path, quick_run):
-    import papermill as pm
-
-    out = quick_run["dir"]
-    values = dict(QUICK=True, DATA_DIR=str(quick_run["data"]), IMAGES_DIR=str(out / "images"))
-    if "OUTPUT_DIR" in parameters(load(path)):
-        values["OUTPUT_DIR"] = str(out / "outputs")
-    before = set((out / "images").glob("*.png")) if (out / "images").exists() else set()
-    t0 = time.perf_counter()
-    pm.execute_notebook(str(path), str(out / path.name), parameters=values, cwd=str(ROOT / "notebooks"),
-                        kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
-    written = {p.name for p in set((out / "images").glob("*.png")) - before}
-    assert FIGURES[path.name[:2]] <= written, f"missing figures: {FIGURES[path.name[:2]] - written}"
-    assert all(name.startswith(path.name[:3]) for name in written)
-    text = outputs_text(load(out / path.name))
-    checks = {"03": ["by hand = block: True", "H.train_one_epoch give the same weights: True", "per batch"],
-              "04": ["equal: True", "per epoch"], "05": ["per metric"],
-              "06": ["image 0 unchanged when the others change: BatchNorm False | LayerNorm True"],
-              "07": ["by hand equals H.GradCAM: True", "rank correlation"]}.get(path.name[:2], [])
-    for expected in checks:
-        assert expected in text, f"{path.name} did not print {expected!r}"
-    if path.name.startswith("02"):
-        assert json.loads((out / "outputs" / "lr_finder.json").read_text())["batch_size"] == 32
-    print(f"{path.name}: {time.perf_counter() - t0:.0f} s")
+def test_the_real_run_after_quick_trains_and_ignores_quick_results(student_run):
+    """README's order, QUICK first, then the defaults on the same Drive: the real 03 trains (no StaleRun), takes the
+    documented default LR and says why (the QUICK run's lr_finder.json is never read), writes outside quick/, and
+    its record says quick: false. QUICK's results never appear as expected results."""
+    ws, text = student_run["workspace"], printed(student_run["real_03"])
+    assert "LR 0.1: the stated default (no LR range test result at" in text and "a QUICK run's LR" in text
+    assert "resnet18_onecycle: not measured yet" in text  # the QUICK run is no expected result
+    record = json.loads((ws / "outputs" / "results" / "resnet18_onecycle.json").read_text())
+    assert record["quick"] is False and record["status"] == "complete"
+    assert json.loads((ws / "outputs" / "quick" / "results" / "resnet18_onecycle.json").read_text())["quick"] is True
+    assert (ws / "outputs" / "handin" / "03_resnet18_onecycle.zip").exists()
 
 
-def test_07_never_trains_or_touches_another_notebooks_run(quick_run):
-    """Pointed at a run that is not there, 07 stops with the runs it could explain; 03's files stay as they were."""
-    import papermill as pm
+def test_a_second_runtime_loads_the_finished_run_from_drive(student_run):
+    text = printed(student_run["quick_03_again"])
+    assert "'resnet18_onecycle': finished earlier (1/1 epochs); loaded its best weights (epoch 1)" in text
+    assert "epoch   1/1 |" not in text
 
-    out = quick_run["dir"]
-    checkpoints = out / "outputs" / "checkpoints"
-    before = {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()}
-    assert "resnet18_onecycle_last.pt" in before  # from 03's quick run above
-    values = dict(QUICK=True, DATA_DIR=str(quick_run["data"]), IMAGES_DIR=str(out / "images"),
-                  OUTPUT_DIR=str(out / "outputs"), EXPERIMENT="never_trained")
-    with pytest.raises(pm.PapermillExecutionError, match="run notebook 03 first.*one of: .*resnet18_onecycle"):
-        pm.execute_notebook(str(ROOT / "notebooks" / "07_gradcam_analysis.ipynb"), str(out / "07_missing.ipynb"),
-                            parameters=values, cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
-    assert {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()} == before
-    assert not (out / "outputs" / "archive").exists()
+
+def test_07_never_trains_or_touches_another_notebooks_run(student_run, tmp_path):
+    """Pointed at a run that is not there, 07 stops with the runs it could explain; nothing in the workspace moves."""
+    ws = student_run["workspace"]
+    before = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
+    with pytest.raises(CellExecutionError, match="run notebook 03 first.*one of: .*resnet18_onecycle"):
+        run_as_student("07", student_run["env"], out=tmp_path / "07.ipynb", QUICK="True",
+                       DATA_DIR=repr(str(student_run["data"])), EXPERIMENT='"never_trained"')
+    assert {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()} == before
+
+
+def test_execute_notebook_drops_the_injected_cell_and_writes_a_banner():
+    """What scripts/execute_notebook.py does after papermill: the executed notebook runs its defaults again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_notebook", ROOT / "scripts" / "execute_notebook.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    nb = load(next(p for p in NOTEBOOKS if p.name.startswith("03")))
+    nb.cells = [c for c in nb.cells if "run-banner" not in c.metadata.get("tags", [])]
+    index = nb.cells.index(parameters_cell(nb)) + 1
+    nb.cells.insert(index, nbformat.v4.new_code_cell("# Parameters\nEPOCHS = 5\n",
+                                                     metadata={"tags": ["injected-parameters"]}))
+    widget = {"output_type": "display_data", "metadata": {},
+              "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "x"}, "text/plain": "0%"}}
+    stream = nbformat.v4.new_output("stream", name="stdout", text="epoch 1/5\n")
+    code(nb)[1].outputs = [nbformat.from_dict(widget), stream]
+    for _ in range(2):  # executed twice: still one banner
+        nb = script.finish(nb, {"EPOCHS": 5, "EXPERIMENT": "cpu_ref"}, "CPU (AMD EPYC, 2 cores)", 4362.0,
+                           "2026-11-25")
+    tags = [t for c in nb.cells for t in c.metadata.get("tags", [])]
+    assert "injected-parameters" not in tags and tags.count("run-banner") == 1 and tags.count("parameters") == 1
+    banner = nb.cells[1].source
+    assert "Executed on 2026-11-25 on CPU (AMD EPYC, 2 cores), in 72.7 min" in banner
+    assert "`EPOCHS = 5`, `EXPERIMENT = 'cpu_ref'`" in banner and "*Run all* runs the defaults" in banner
+    assert code(nb)[1].outputs == [stream]
+    assert parameters(nb)["EPOCHS"] == 20  # the defaults are what Run all runs
