@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.nn as nn
+import torch.nn.functional as F
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +88,29 @@ def student_run(tmp_path_factory, data_dir):
         N_SEEDS="1", answers={"STUDENT": '"Bob"', "ANSWER_03_1": "75", "ANSWER_03_2": "(1, 0)",
                               "ANSWER_03_3": '"one step lowered the loss"'})
     return run
+
+
+class Tiny(nn.Module):
+    """A small CNN that trains in seconds on the CPU (`scale` multiplies its logits)."""
+
+    def __init__(self, width=16, scale=1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.fc = nn.Linear(width, 10)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+class NanAfter(Tiny):
+    """Trains normally for `good` training batches; after that its logits are NaN in training or in eval mode."""
+
+    def __init__(self, good, in_eval=False, **kwargs):
+        super().__init__(**kwargs)
+        self.good, self.in_eval, self.steps = good, in_eval, 0
+
+    def forward(self, x):
+        self.steps += self.training
+        out = super().forward(x)
+        return out * float("nan") if self.training != self.in_eval and self.steps > self.good else out

@@ -14,21 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, NanAfter, Tiny
 
 import helpers as H
-
-
-class Tiny(nn.Module):
-    def __init__(self, scale=1.0):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-        self.scale = scale
-
-    def forward(self, x):
-        return self.scale * self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +37,9 @@ def files(folder):
 # ---- 1. a run that broke down is stopped, never "complete" -------------------------------------------------
 
 
-class NanInEval(Tiny):
-    """Trains normally; once it has trained more than `good` steps, its outputs in eval mode are NaN."""
-
-    def __init__(self, good):
-        super().__init__()
-        self.good, self.steps = good, 0
-
-    def forward(self, x):
-        self.steps += self.training
-        out = super().forward(x)
-        return out * float("nan") if not self.training and self.steps > self.good else out
-
-
 def test_nan_only_in_evaluation_stops_the_run_and_keeps_the_epoch_before(data, tmp_path):
     with pytest.raises(H.Diverged, match=r"in epoch 2 the validation loss is nan.*last good checkpoint \(epoch 1\)"):
-        fit(NanInEval(good=len(data.train)), data, tmp_path, epochs=3)
+        fit(NanAfter(good=len(data.train), in_eval=True, width=8), data, tmp_path, epochs=3)
     rec = H.load_results(tmp_path)["run"]
     assert rec["status"] == "diverged" and rec["epochs_run"] == 1 and np.isfinite(rec["history"]["val_loss"]).all()
     assert H.load_checkpoint(tmp_path / "checkpoints" / "run_last.pt")["epoch"] == 1
@@ -92,7 +67,7 @@ def test_one_step_per_epoch_whose_step_poisons_the_weights_is_stopped(fake_cifar
     one_batch = H.make_data(fake_cifar, batch_size=200, device="cpu", num_workers=0)
     assert len(one_batch.train) == 1
     with pytest.raises(H.Diverged, match="in epoch 1 the validation loss is nan.*No epoch had finished"):
-        fit(PoisonedStep(), one_batch, tmp_path, epochs=2)
+        fit(PoisonedStep(width=8), one_batch, tmp_path, epochs=2)
     assert H.load_results(tmp_path)["run"]["status"] == "diverged"
     assert not (tmp_path / "checkpoints" / "run_last.pt").exists()
 
@@ -101,7 +76,7 @@ def test_a_loss_that_explodes_without_nan_is_stopped(data, tmp_path):
     """Logits 1000x too large: the loss stays finite, far above a uniform guess's 2.30; recorded as stopped."""
     with pytest.raises(H.Diverged, match=r"training loss averaged [\d.e+]+ over the epoch, far above the 2.30 of a "
                                          r"uniform guess \(the limit is 46.1\)"):
-        fit(Tiny(scale=1000.0), data, tmp_path, epochs=2)
+        fit(Tiny(width=8, scale=1000.0), data, tmp_path, epochs=2)
     rec = H.load_results(tmp_path)["run"]
     assert rec["status"] == "diverged" and "far above" in rec["error"]
     assert "0/2 (stopped: diverged)" in H.results_table(tmp_path)
@@ -128,14 +103,14 @@ def test_an_lr_from_lr_finder_json_is_checked_before_training(tmp_path, content,
 @pytest.mark.parametrize("lr", [0.0, 50.0, float("nan")])
 def test_fit_refuses_an_lr_outside_the_sane_range_before_writing_anything(data, tmp_path, lr):
     with pytest.raises(ValueError, match="learning rate the optimizer and scheduler were built with must be a number"):
-        fit(Tiny(), data, tmp_path, lr=lr)
+        fit(Tiny(width=8), data, tmp_path, lr=lr)
     assert files(tmp_path) == []
 
 
 def test_onecycle_is_checked_at_its_peak(data, tmp_path):
     sched = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=40.0, total_steps=40)  # noqa: E731
     with pytest.raises(ValueError, match="got 40.0"):
-        fit(Tiny(), data, tmp_path, lr=1.0, scheduler=sched)
+        fit(Tiny(width=8), data, tmp_path, lr=1.0, scheduler=sched)
 
 
 # ---- 2. one writer per run -------------------------------------------------------------------------------
@@ -164,12 +139,12 @@ def test_a_second_writer_is_refused_at_start_and_named(data, tmp_path):
         assert other.stdout.readline().strip() == "locked"
         with pytest.raises(H.RunBusy, match=rf"'busy' is being trained by another process right now \(host "
                                             rf"{socket.gethostname()}, PID {other.pid}, started .*another EXPERIMENT"):
-            fit(Tiny(), data, tmp_path, name="busy")
+            fit(Tiny(width=8), data, tmp_path, name="busy")
         assert files(tmp_path) == ["checkpoints/busy.lock"]
     finally:
         other.kill()
         other.wait()
-    rec = fit(Tiny(), data, tmp_path, name="busy")  # its process is gone: the lock is abandoned
+    rec = fit(Tiny(width=8), data, tmp_path, name="busy")  # its process is gone: the lock is abandoned
     assert rec["status"] == "complete" and not lock.exists()
 
 
@@ -179,9 +154,9 @@ def test_a_lock_from_another_machine_counts_until_its_heartbeat_is_stale(data, t
     other = {"host": "colab-runtime-2", "pid": 77, "token": "x", "started": "2026-01-01 10:00:00"}
     lock.write_text(json.dumps({**other, "heartbeat": time.time() - 10}))
     with pytest.raises(H.RunBusy, match="host colab-runtime-2, PID 77.*last seen 1\\d s ago.*in 2 minutes"):
-        fit(Tiny(), data, tmp_path, name="shared")
+        fit(Tiny(width=8), data, tmp_path, name="shared")
     lock.write_text(json.dumps({**other, "heartbeat": time.time() - 600}))  # that runtime died 10 minutes ago
-    assert fit(Tiny(), data, tmp_path, name="shared")["status"] == "complete"
+    assert fit(Tiny(width=8), data, tmp_path, name="shared")["status"] == "complete"
 
 
 def test_temporary_files_are_private_to_the_writing_process(tmp_path, monkeypatch):
@@ -210,7 +185,7 @@ def test_an_older_results_file_is_shown_with_dashes_and_a_warning(data, tmp_path
         H.print_expected(["old_run"], tmp_path)
     assert "old_run: not measured yet" in capsys.readouterr().out  # no final test accuracy: nothing to expect
     with pytest.warns(UserWarning):
-        assert fit(Tiny(), data, tmp_path, name="new")["status"] == "complete"
+        assert fit(Tiny(width=8), data, tmp_path, name="new")["status"] == "complete"
 
 
 def test_two_files_naming_one_experiment_are_flagged(tmp_path):
@@ -234,7 +209,7 @@ def test_two_files_naming_one_experiment_are_flagged(tmp_path):
 def test_a_run_name_that_could_not_name_files_safely_is_refused(data, tmp_path, name):
     work = tmp_path / "ws"
     with pytest.raises(ValueError, match=r"letters, digits, '-', '_' or '.' \(not first\)"):
-        fit(Tiny(), data, work, name=name)
+        fit(Tiny(width=8), data, work, name=name)
     with pytest.raises(ValueError, match="EXPERIMENT must be 1 to 64 letters"):
         H.check_parameters(EXPERIMENT=name)
     assert files(tmp_path) == []
@@ -297,7 +272,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_where_and_how_much(f
     ({"num_iter": 0}, "num_iter must be a whole number of steps"),
 ])
 def test_range_test_settings_that_make_no_sense_are_refused(data, kwargs, message):
-    model = Tiny()
+    model = Tiny(width=8)
     with pytest.raises(ValueError, match=message):
         H.find_lr(model, torch.optim.SGD(model.parameters(), lr=1e-5), nn.CrossEntropyLoss(), data.train, **kwargs)
 
@@ -335,7 +310,7 @@ def test_augmentations_do_not_depend_on_the_number_of_workers(fake_cifar, tmp_pa
     for workers in (0, 2):
         data = H.make_data(fake_cifar, aug={"cutout": 16}, batch_size=20, device="cpu", num_workers=workers)
         torch.manual_seed(0)
-        model = Tiny()
+        model = Tiny(width=8)
         fit(model, data, tmp_path / str(workers), epochs=2)
         weights[workers] = model.state_dict()
     assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
@@ -349,7 +324,7 @@ def test_the_record_holds_loss_scheduler_augmentation_and_data_settings(fake_cif
                        device="cpu", num_workers=0)
     sched = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=2 * len(data.train),  # noqa
                                                           pct_start=0.25, anneal_strategy="linear")
-    rec = fit(Tiny(), data, tmp_path, scheduler=sched, criterion=nn.CrossEntropyLoss(label_smoothing=0.1))
+    rec = fit(Tiny(width=8), data, tmp_path, scheduler=sched, criterion=nn.CrossEntropyLoss(label_smoothing=0.1))
     cfg = rec["config"]
     assert cfg["criterion"] == {"name": "CrossEntropyLoss", "reduction": "mean", "ignore_index": -100,
                                 "label_smoothing": 0.1}
@@ -359,12 +334,13 @@ def test_the_record_holds_loss_scheduler_augmentation_and_data_settings(fake_cif
     assert s["schedule_phases"][0]["end_step"] == pytest.approx(0.25 * s["total_steps"] - 1)
     assert cfg["data"] == {"train_images": 180, "val_images": 20, "test_images": 50, "seed": 0,
                            "augment": {"crop": True, "flip": False, "cutout": 16, "rotate": 5}}
-    step = fit(Tiny(), data, tmp_path, name="step", scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.2))
+    step = fit(Tiny(width=8), data, tmp_path, name="step",
+               scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.2))
     assert {"step_size": 7, "gamma": 0.2}.items() <= step["config"]["scheduler"].items()
     with pytest.raises(H.StaleRun, match=r"criterion.label_smoothing: 0.1 -> 0.0"):
-        fit(Tiny(), data, tmp_path, scheduler=sched, criterion=nn.CrossEntropyLoss())
+        fit(Tiny(width=8), data, tmp_path, scheduler=sched, criterion=nn.CrossEntropyLoss())
     with pytest.raises(H.StaleRun, match=r"scheduler.max_momentum: 0.95 -> 0.9"):
-        fit(Tiny(), data, tmp_path, criterion=nn.CrossEntropyLoss(label_smoothing=0.1),
+        fit(Tiny(width=8), data, tmp_path, criterion=nn.CrossEntropyLoss(label_smoothing=0.1),
             scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=2 * len(data.train),
                                                                    pct_start=0.25, anneal_strategy="linear",
                                                                    max_momentum=0.9))

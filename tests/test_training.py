@@ -9,22 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, NanAfter, Tiny
 
 import helpers as H
-
-
-class Tiny(nn.Module):
-    """A small CNN that trains in seconds on the CPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
 
 class Frozen(nn.Module):
@@ -209,25 +196,12 @@ def test_changed_settings_stop_with_what_differs_and_lose_nothing(data, tmp_path
     assert rec["epochs_run"] == 3 and len(list((tmp_path / "archive").glob("e_*/e_best.pt"))) == 1
 
 
-class Boom(Tiny):
-    """Trains normally for `good` training batches, then its logits become NaN."""
-
-    def __init__(self, good):
-        super().__init__()
-        self.good, self.calls = good, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        out = super().forward(x)
-        return out * float("nan") if self.training and self.calls > self.good else out
-
-
 def test_a_diverged_run_stops_keeps_the_last_good_checkpoint_and_says_so(data, tmp_path):
     steps = len(data.train)
     with pytest.raises(H.Diverged, match=rf"'nan' stopped: the training loss became NaN or infinite at step 3 of "
                                          rf"{steps} \(epoch 2/3\) with LR 0\.1.*try a tenth.*last good checkpoint "
                                          r"\(epoch 1\) is kept.*recorded as stopped"):
-        run(Boom(good=steps + 2), data, tmp_path, epochs=3, name="nan")
+        run(NanAfter(good=steps + 2), data, tmp_path, epochs=3, name="nan")
     assert H.load_checkpoint(tmp_path / "checkpoints" / "nan_last.pt")["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in H.load_checkpoint(tmp_path / "checkpoints" / "nan_last.pt")[
         "model"].values() if v.is_floating_point())
