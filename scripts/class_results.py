@@ -10,8 +10,10 @@ a JSON file such as {"03": {"CLASS_BUDGET": true}, "04": {"CLASS_BUDGET": true}}
 """
 
 import argparse
+import ast
 import csv
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -19,12 +21,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import helpers as H  # noqa: E402
+from course.handin import jsonable  # noqa: E402
+from course.runs import record_checksum  # noqa: E402
 
-# Parameters that never change a result (where files go, speed, display): never flagged.
-IGNORED = {"DATA_DIR", "DOWNLOAD", "OUTPUT_DIR", "IMAGES_DIR", "DRIVE_FOLDER", "DEVICE", "NUM_WORKERS", "START_OVER",
-           "INTERACTIVE", "AMP", "CHANNELS_LAST", "RUN_VGG16", "PHOTO_URL", "TTA", "QUICK", "EXPERIMENT",
-           "GALLERY_SIZES", "N_CAM", "N_COMPARE", "ALPHA"}
+# Parameters that never change a result (display, what is shown): never flagged.
+IGNORED = {"INTERACTIVE", "RUN_VGG16", "PHOTO_URL", "TTA", "QUICK", "EXPERIMENT", "GALLERY_SIZES", "N_CAM",
+           "N_COMPARE", "ALPHA"}
+
+
+def notebook_spec(notebook, folder=None):
+    """A course notebook's parameters (name: default) and exercise ids, read from its file in the checkout."""
+    path = Path(folder or ROOT / "notebooks") / f"{notebook}.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    source = lambda c: "".join(c["source"]) if isinstance(c["source"], list) else c["source"]  # noqa: E731
+    params = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigns = [t for t in ast.parse(source(params)).body if isinstance(t, ast.Assign) and len(t.targets) == 1
+               and isinstance(t.targets[0], ast.Name)]
+    exercises = [f"{a}.{b}" for c in cells if c["cell_type"] == "code"
+                 for a, b in re.findall(r"^ANSWER_(\d\d)_(\d+)\s*=", source(c), re.M)]
+    return {"parameters": {t.targets[0].id: jsonable(ast.literal_eval(t.value)) for t in assigns},
+            "exercises": exercises}
 COLUMNS = ["student", "notebook", "run", "model", "epochs", "batch", "lr", "scheduler", "final test acc %",
            "test acc at best val %", "device", "wall time min", "answers", "self-checks", "flags"]
 
@@ -42,13 +58,13 @@ def _settings(config):
 def settings_differences(manifest, assignment, notebooks):
     """'NAME value (assignment value)' for every result-changing parameter that differs from the assignment."""
     try:
-        expected = H.notebook_spec(manifest["notebook"], notebooks)["parameters"]
+        expected = notebook_spec(manifest["notebook"], notebooks)["parameters"]
     except (OSError, KeyError, StopIteration, ValueError):
         return [f"unknown notebook {manifest.get('notebook')!r}"]
     expected = {**expected, **assignment.get(manifest["notebook"][:2], {})}
     got = manifest.get("parameters", {})
     return [f"{k} {got.get(k)!r} (assignment {v!r})" for k, v in expected.items()
-            if k not in IGNORED and k in got and got[k] != H._jsonable(v)]
+            if k not in IGNORED and k in got and got[k] != jsonable(v)]
 
 
 def read_zip(path, assignment, notebooks, root):
@@ -63,8 +79,11 @@ def read_zip(path, assignment, notebooks, root):
                  "flags": f"not a hand-in zip ({type(err).__name__})"}]
     student = manifest.get("student") or student
     given = [k for k in manifest.get("answers", {}) if " " not in k]
-    missing = manifest.get("missing_answers", [])
-    checks = manifest.get("self_checks", {})
+    try:
+        missing = [ex for ex in notebook_spec(manifest["notebook"], notebooks)["exercises"] if ex not in given]
+    except (OSError, KeyError, StopIteration, ValueError):
+        missing = manifest.get("unanswered", [])
+    checks = {k: v.get("right") if isinstance(v, dict) else v for k, v in manifest.get("self_checks", {}).items()}
     common = {"student": student, "notebook": manifest.get("notebook", path.stem),
               "answers": f"{len(given)}/{len(given) + len(missing)}" + (f" (missing {', '.join(missing)})"
                                                                          if missing else ""),
@@ -79,7 +98,7 @@ def read_zip(path, assignment, notebooks, root):
             run_flags = list(flags)
             if "checksum" not in record:
                 run_flags.append("record has no checksum")
-            elif H.record_checksum(record) != record["checksum"]:
+            elif record_checksum(record) != record["checksum"]:
                 run_flags.append("record edited by hand")
             if record.get("status") != "complete":
                 run_flags.append(f"run not complete ({record.get('status')})")

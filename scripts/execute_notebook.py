@@ -62,7 +62,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import papermill as pm
 
-    import helpers as H
+    from course.system import device_name
 
     parameters = {name: literal(value) for name, value in a.p}
     out = a.out or a.notebook
@@ -70,7 +70,7 @@ def main(argv=None):
     pm.execute_notebook(str(a.notebook), str(out), parameters=parameters, cwd=str(a.notebook.parent),
                         kernel_name="python3", progress_bar=False)
     nb = nbformat.read(out, as_version=4)
-    nbformat.write(finish(nb, parameters, H.device_name("auto"), time.perf_counter() - t0,
+    nbformat.write(finish(nb, parameters, device_name("auto"), time.perf_counter() - t0,
                           time.strftime("%Y-%m-%d")), out)
     print(f"wrote {out}: no injected cell, banner added ({', '.join(parameters) or 'the defaults'})")
 

@@ -3,8 +3,9 @@
 # images/, results in outputs/; each executed notebook gets a banner saying how it was run and keeps no papermill
 # cell), and refresh README's results table.
 # Usage: bash scripts/run_series.sh [NN ...]   e.g. "03 07" runs only those; default: all, in order.
-#        QUICK=1 bash scripts/run_series.sh   every notebook with QUICK = True into a scratch folder
-#                                              (the committed notebooks, images/ and outputs/ are not touched).
+#        QUICK=1 bash scripts/run_series.sh   every notebook with QUICK = True: the executed copies go to a scratch
+#                                              folder, what they write to the sandbox outputs/quick/ and images/quick/
+#                                              (never committed; the committed notebooks and results are not touched).
 # Changed parameters go in EXECUTE_ARGS, e.g. EXECUTE_ARGS="-p DEVICE cuda" (the banner lists them);
 # QUICK=1 passes PAPERMILL_ARGS to papermill the same way.
 set -euo pipefail
@@ -26,16 +27,17 @@ if [ "${QUICK:-0}" = 1 ]; then
       echo "=== $nb"
       # shellcheck disable=SC2086
       "$VENV/bin/python" -m papermill "$nb" "$scratch/$(basename "$nb")" --cwd notebooks -k python3 -p QUICK True \
-        -p DATA_DIR "$PWD/data" -p IMAGES_DIR "$scratch/images" -p OUTPUT_DIR "$scratch/outputs" ${PAPERMILL_ARGS:-}
+        ${PAPERMILL_ARGS:-}
     done
   done
-  echo "done: executed notebooks, images/ and outputs/ in $scratch"
+  echo "done: executed notebooks in $scratch; what they wrote in outputs/quick/ and images/quick/"
   exit 0
 fi
 needs_gpu=$(printf '%s\n' "${numbers[@]}" | grep -c -v -E '^0?[12]$' || true)
 if [ "$needs_gpu" -gt 0 ] && ! "$VENV/bin/python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU here. The full series trains for hours on a GPU and would take weeks on this CPU"
-  echo "(ResNet18 trains at about 57 images/s on 2 cores: one 45,000-image epoch is about 15 minutes)."
+  echo "(ResNet18 trained at 27-57 images/s on this project's 2-core CPUs; the committed reference run's epochs"
+  echo " took 27 to 50 minutes: README, 'Measured on this project's development machine')."
   echo "Notebooks 01 and 02 need no GPU. Check everything quickly instead: QUICK=1 bash scripts/run_series.sh"
   [ "${FORCE_CPU:-0}" = 1 ] || { echo "(FORCE_CPU=1 runs it anyway)"; exit 1; }
 fi

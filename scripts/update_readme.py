@@ -1,12 +1,14 @@
-"""Rebuild README.md's results table from the results files: python scripts/update_readme.py [OUTPUT_DIR]."""
+"""Rebuild README.md's results table and course/expected.json (what each shipped run reached) from the results files:
+python scripts/update_readme.py [OUTPUT_DIR]."""
 
+import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import helpers as H  # noqa: E402
+from course.runs import load_results, results_table  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -18,10 +20,27 @@ def update_readme(readme, output_dir):
         raise ValueError(f"{readme} has no '{START}' ... '{END}' markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    Path(readme).write_text(f"{head}{START}\n{H.results_table(output_dir, include_quick=False)}\n{END}{tail}")
+    table = results_table(Path(output_dir) / "results", include_quick=False)
+    Path(readme).write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def _batch(config):
+    return config.get("batch_size") or (config.get("data") or {}).get("batch_size", "?")
+
+
+def expected(output_dir):
+    """{experiment: one line} for every finished, real run in OUTPUT_DIR/results: what notebooks print as expected."""
+    out = {}
+    for name, rec in load_results(Path(output_dir) / "results").items():
+        if rec["status"] == "complete" and not rec["quick"] and rec["final_test_acc"] is not None:
+            out[name] = {"summary": f"{rec['final_test_acc']:.2f}% test accuracy after {rec['epochs_run']} epochs at "
+                                    f"batch {_batch(rec['config'])}, "
+                                    f"{rec['wall_time_s'] / 60:.0f} min on {rec['device']}"}
+    return out
 
 
 if __name__ == "__main__":
     output_dir = sys.argv[1] if len(sys.argv) > 1 else ROOT / "outputs"
     update_readme(ROOT / "README.md", output_dir)
-    print(f"README.md results table rebuilt from {Path(output_dir) / 'results'}")
+    (ROOT / "course" / "expected.json").write_text(json.dumps(expected(output_dir), indent=1) + "\n")
+    print(f"README.md results table and course/expected.json rebuilt from {Path(output_dir) / 'results'}")

@@ -18,9 +18,10 @@ def notebook_path(number):
     return next(NOTEBOOKS.glob(f"{number}_*.ipynb"))
 
 
-def fake_colab(root):
+def fake_colab(root, data=None):
     """Environment of a kernel that believes it is on Colab: google.colab importable (drive.mount makes MyDrive),
-    imported at start-up as Colab does, /content being root/content. Returns (env, content folder)."""
+    imported at start-up as Colab does, /content being root/content, holding CIFAR-10 in data/ (a link to data,
+    where a notebook finds it as on Colab, after its first download). Returns (env, content folder)."""
     root = Path(root)
     package = root / "fake_colab" / "google" / "colab"
     package.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,8 @@ def fake_colab(root):
     (package.parents[1] / "sitecustomize.py").write_text("import google.colab  # noqa: F401 (Colab imports it)\n")
     content = root / "content"
     content.mkdir(exist_ok=True)
+    if data is not None and not (content / "data").exists():
+        (content / "data").symlink_to(Path(data).resolve(), target_is_directory=True)
     env = {**os.environ, "PYTHONPATH": str(package.parents[1]), "COURSE_CONTENT": str(content), "MPLBACKEND": "Agg"}
     return env, content
 
@@ -82,8 +85,7 @@ def printed(nb):
 
 if __name__ == "__main__":  # e.g. python tests/student.py /tmp/ws DATA_DIR 01 02 03
     work, data = Path(sys.argv[1]), sys.argv[2]
-    environment, _ = fake_colab(work)
+    environment, _ = fake_colab(work, data)
     for number in sys.argv[3:]:
-        executed = run_as_student(number, environment, out=work / f"{number}.ipynb", QUICK="True",
-                                  DATA_DIR=repr(data))
+        executed = run_as_student(number, environment, out=work / f"{number}.ipynb", QUICK="True")
         print(f"--- {number}\n{printed(executed)[-3000:]}")

@@ -1,0 +1,118 @@
+"""Parameter checks: a bad value in a parameters cell is refused before any time or Drive space is spent.
+
+What it keeps safe: a typo (EPOCHS = 0, LR = 50, SUBSET = 1, a run name that cannot name a file) stops the notebook
+at its start call with a message naming the parameter, what is allowed, and what it got.
+"""
+
+import math
+import re
+
+import numpy as np
+
+import helpers as H
+
+# name: (kind, low, high, None allowed). Kinds: "int" (whole numbers), "float", "name" (a run's name; high = its
+# longest length), "bool", "choice" (low = the valid values), "augment".
+RULES = {
+    "EPOCHS": ("int", 1, 1000, False), "SUBSET": ("int", 20, 50_000, True), "BATCH_SIZE": ("int", 2, 4096, False),
+    "SEED": ("int", 0, 2**31 - 1, False), "N_SEEDS": ("int", 1, 10, False), "LR": ("float", 1e-6, 10.0, True),
+    "DEFAULT_LR": ("float", 1e-6, 10.0, False), "VAL_FRACTION": ("float", 0.0, 0.5, False),
+    "MOMENTUM": ("float", 0.0, 0.999, False), "MAX_MOMENTUM": ("float", 0.0, 0.999, False),
+    "BASE_MOMENTUM": ("float", 0.0, 0.999, False), "WEIGHT_DECAY": ("float", 0.0, 0.1, False),
+    "LABEL_SMOOTHING": ("float", 0.0, 0.5, False), "PCT_START": ("float", 0.05, 0.95, False),
+    "GAMMA": ("float", 1e-4, 1.0, False), "STEP_SIZE": ("int", 1, 1000, False), "PATIENCE": ("int", 0, 100, False),
+    "FACTOR": ("float", 1e-4, 0.99, False), "THRESHOLD": ("float", 0.0, 100.0, False),
+    "NUM_ITER": ("int", 20, 10_000, False), "LINEAR_NUM_ITER": ("int", 20, 10_000, False),
+    "END_LR": ("float", 1e-5, 100.0, False), "START_LR": ("float", 1e-8, 1.0, True),
+    "N_CAM": ("int", 1, 1000, False), "ALPHA": ("float", 0.0, 1.0, False), "N_SHOW": ("int", 1, 100, False),
+    "EXPERIMENT": ("name", 1, 64, False), "QUICK": ("bool", 0, 1, False), "CLASS_BUDGET": ("bool", 0, 1, False),
+    "NESTEROV": ("bool", 0, 1, False), "TTA": ("bool", 0, 1, False), "INTERACTIVE": ("bool", 0, 1, False),
+    "MODEL": ("choice", tuple(H.MODELS), None, False), "NORM": ("choice", H.NORMS, None, False),
+    "AUGMENT": ("augment", 0, 0, False), "RULE": ("choice", ("steepest", "valley", "minimum", "minimum/10"), None,
+                                                           False),
+    "FINAL_EPOCHS": ("int", 1, 1000, False), "RESNET50_EPOCHS": ("int", 1, 1000, False),
+    "RESNET50_BATCH_SIZE": ("int", 2, 4096, False), "SMOOTH_F": ("float", 0.0, 0.99, False),
+    "FINAL_LR": ("float", 1e-6, 10.0, False), "RESNET50_LR": ("float", 1e-6, 10.0, False),
+    "LINEAR_END_LR": ("float", 1e-5, 100.0, False), "LINEAR_DIVERGE_TH": ("float", 1.0, 1e300, False),
+    "N_PREVIEW": ("int", 1, 50, False), "PER_CLASS": ("int", 1, 50, False), "N_COMPARE": ("int", 1, 50, False),
+    "LAST_STRIDE": ("choice", (1, 2), None, False), "RUN_VGG16": ("bool", 0, 1, False),
+    "PHOTO_URL": ("text", 0, 0, False), "GALLERY_SIZES": ("ints", 1, 100, False),
+    "GRID_MODELS": ("choices", tuple(H.MODELS), None, False), "GRID_NORMS": ("choices", H.NORMS, None, False),
+    "GRID_SCHEDULERS": ("choices", ("onecycle", "step", "plateau"), None, False),
+    "CAM_LAYERS": ("choices", ("layer1", "layer2", "layer3", "layer4"), None, False), "RUNS": ("runs", 0, 0, False),
+}
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def is_number(value):
+    """A real, finite number (not a bool)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
+def problem(name, value):
+    """What is wrong with one parameter's value, or None."""
+    kind, low, high, none_ok = RULES[name]
+    if value is None and none_ok:
+        return None
+    if kind == "choice":
+        return None if value in low else f"{name} must be one of {', '.join(map(str, low))}, got {value!r}"
+    if kind == "choices":
+        ok = isinstance(value, (list, tuple)) and value and all(v in low for v in value)
+        return None if ok else f"{name} must be a list of one or more of {', '.join(map(str, low))}, got {value!r}"
+    if kind == "ints":
+        ok = isinstance(value, (list, tuple)) and value and all(problem("N_CAM", v) is None for v in value)
+        return None if ok else f"{name} must be a list of whole numbers from {low} to {high}, got {value!r}"
+    if kind == "text":
+        return None if isinstance(value, str) and value.strip() else f"{name} must be text, got {value!r}"
+    if kind == "runs":
+        if not isinstance(value, dict) or not value:
+            return f"{name} must be a dict of run name: AUGMENT dict, got {value!r}"
+        return next((p for n, a in value.items() if (p := name_problem(n, f"a run name in {name}") or
+                                                     problem("AUGMENT", a))), None)
+    if kind == "augment":
+        try:
+            H.check_augment(value)
+        except (ValueError, TypeError) as err:
+            return f"AUGMENT: {err}"
+        return None
+    if kind == "name":
+        return name_problem(value, name, high)
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"{name} must be True or False, got {value!r}"
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if (whole or (kind == "float" and is_number(value))) and low <= value <= high:
+        return None
+    what = "a whole number" if kind == "int" else "a number"
+    return f"{name} must be {what} from {low:g} to {high:g}{' (or None)' if none_ok else ''}, got {value!r}"
+
+
+def check_parameters(params):
+    """Refuse bad parameters, all listed in one error; params: {NAME: value} of a parameters cell."""
+    problems = [p for name, value in params.items() if (p := problem(name, value))]
+    if problems:
+        raise ValueError("bad parameter(s) in the parameters cell:\n  " + "\n  ".join(problems))
+
+
+def name_problem(value, what="EXPERIMENT", max_len=64):
+    """Why value cannot name a run's files, or None."""
+    if isinstance(value, str) and _NAME.fullmatch(value) and len(value) <= max_len:
+        return None
+    return (f"{what} must be 1 to {max_len} letters, digits, '-', '_' or '.' (not first), got {value!r}: it names "
+            f"the run's files in the workspace, e.g. 'resnet18_no_smoothing'")
+
+
+def check_name(name, what="the run's name", max_len=100):
+    """A run's name if it can name files safely, else a clear error."""
+    if (why := name_problem(name, what, max_len)) is not None:
+        raise ValueError(why)
+    return name
+
+
+def check_lr(value, what="LR"):
+    """A learning rate as a float if it is a number from 1e-6 to 10, else a clear error."""
+    low, high = RULES["LR"][1:3]
+    if is_number(value) and low <= value <= high:
+        return float(value)
+    raise ValueError(f"{what} must be a number from {low:g} to {high:g}, got {value!r}: outside that range SGD does "
+                     f"not train a ResNet. Set LR in the parameters cell, or run notebook 02 again")
