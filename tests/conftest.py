@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic CIFAR-10 in the real on-disk format, so a fresh clone passes."""
+"""Shared fixtures: small synthetic CIFAR-10 in the real on-disk format, so a fresh clone passes; small models; a
+workspace in a temporary folder. Every test in a tests/test_course_*.py file is marked `course`."""
 
 import os
 import pickle
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -60,6 +62,21 @@ def data_dir(tmp_path_factory):
     return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar_nb"), n_train=1000, n_test=200)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests of the course package (tests/test_course_*.py) carry the marker `course`: `-m course` runs them."""
+    for item in items:
+        if item.path.name.startswith("test_course_"):
+            item.add_marker(pytest.mark.course)
+
+
+def make_workspace(tmp_path, data_dir=None, start_over=False, **variables):
+    """course.start on a notebook whose globals are `variables`, its work in tmp_path/outputs and tmp_path/images."""
+    import course
+
+    return course.start(variables, data_dir=data_dir or tmp_path / "data", device="cpu", start_over=start_over,
+                        outputs=tmp_path / "outputs", images=tmp_path / "images")
+
+
 def _files(*folders):
     return {p: p.stat().st_mtime_ns for f in folders for p in Path(f).rglob("*") if p.is_file()}
 
@@ -72,19 +89,17 @@ def student_run(tmp_path_factory, data_dir):
     from student import fake_colab, run_as_student
 
     root = tmp_path_factory.mktemp("student")
-    env, content = fake_colab(root)
-    data = repr(str(data_dir))
+    env, content = fake_colab(root, data_dir)  # CIFAR-10 in /content/data, where a Colab runtime keeps it
     checkout = _files(ROOT / "outputs", ROOT / "images")
     run = {"env": env, "data": data_dir, "workspace": content / "drive" / "MyDrive" / "resnet-cifar10-course",
            "notebooks": {}}
     for number in ("01", "02", "03", "04", "05", "06", "07"):
-        run["notebooks"][number] = run_as_student(number, env, out=root / f"{number}.ipynb", QUICK="True",
-                                                  DATA_DIR=data)
-    run["quick_03_again"] = run_as_student("03", env, out=root / "03_again.ipynb", QUICK="True", DATA_DIR=data)
+        run["notebooks"][number] = run_as_student(number, env, out=root / f"{number}.ipynb", QUICK="True")
+    run["quick_03_again"] = run_as_student("03", env, out=root / "03_again.ipynb", QUICK="True")
     run["drive_before_real_run"] = sorted(p for p in run["workspace"].rglob("*") if p.is_file())
     run["checkout_untouched"] = _files(ROOT / "outputs", ROOT / "images") == checkout
     run["real_03"] = run_as_student(
-        "03", env, out=root / "03_real.ipynb", DATA_DIR=data, SUBSET="500", EPOCHS="1", BATCH_SIZE="32",
+        "03", env, out=root / "03_real.ipynb", SUBSET="500", EPOCHS="1", BATCH_SIZE="32",
         N_SEEDS="1", answers={"STUDENT": '"Bob"', "ANSWER_03_1": "75", "ANSWER_03_2": "(1, 0)",
                               "ANSWER_03_3": '"one step lowered the loss"'})
     return run
@@ -101,6 +116,18 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.scale * self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+class Frozen(nn.Module):
+    """Constant predictions and zero gradients: every metric stays flat from epoch to epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.register_buffer("logits", torch.arange(10.0))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), 10) + 0 * self.w * x.mean()
 
 
 class NanAfter(Tiny):

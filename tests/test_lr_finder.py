@@ -1,4 +1,5 @@
-"""LR range test: restores the model, suggestion rules with known answers, clear errors."""
+"""LR range test: restores the model, suggestion rules with known answers, clear errors. The LR file that notebook
+02 writes and 03 reads (ws.save_lr, ws.lr) is tested in test_course_workspace.py."""
 
 import json
 
@@ -115,17 +116,17 @@ def test_linear_mode_uses_the_validation_loss(fake_cifar):
         H.find_lr(model, sgd(model, 0.1), nn.CrossEntropyLoss(), data.train, step_mode="cos")
 
 
-def test_found_lr_flows_into_training(tmp_path):
-    result = H.LRFinderResult(lrs=[0.01, 0.1], losses=[2, 1], suggestions={"valley": 0.08, "steepest": 0.3},
-                              skip_start=0, skip_end=0, diverged=False)
-    H.save_lr_choice(result, rule="valley", batch_size=512, output_dir=tmp_path)
-    lr, why = H.resolve_lr(None, tmp_path, batch_size=128, default=0.5)
-    assert lr == pytest.approx(0.02) and "valley" in why and "scaled" in why
-    assert H.resolve_lr(0.3, tmp_path, 128)[0] == 0.3
-    lr, why = H.resolve_lr(None, tmp_path / "nowhere", 128, default=0.5)
-    assert lr == 0.5 and "default" in why
-    with pytest.raises(ValueError, match="valley, steepest"):
-        H.save_lr_choice(result, rule="fastest", output_dir=tmp_path)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"start_lr": 1e-2, "end_lr": 1e-4}, "end_lr must be a number above the first LR of the test \\(0.01\\)"),
+    ({"end_lr": float("nan")}, "end_lr must be a number above"),
+    ({"end_lr": -1}, "got -1"),
+    ({"start_lr": 0}, "start_lr must be a positive number \\(or None: the optimizer's LR\\), got 0"),
+    ({"num_iter": 0}, "num_iter must be a whole number of steps"),
+])
+def test_range_test_settings_that_make_no_sense_are_refused(loader, kwargs, message):
+    model = TinyBN()
+    with pytest.raises(ValueError, match=message):
+        H.find_lr(model, sgd(model, 1e-5), nn.CrossEntropyLoss(), loader, **kwargs)
 
 
 def test_plot_marks_each_rule_at_the_lr_it_names():

@@ -5,6 +5,7 @@ the way a student does it (the parameters cell's source edited, Run all with nbc
 import ast
 import json
 import re
+import sys
 import zipfile
 
 import nbformat
@@ -13,7 +14,12 @@ from conftest import ROOT
 from nbclient.exceptions import CellExecutionError
 from student import printed, run_as_student
 
-import helpers as H
+import course
+from course.handin import ANSWER_CHECKS
+from course.runs import record_checksum
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from class_results import notebook_spec  # noqa: E402  (the teacher's reading of a notebook)
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {  # what each notebook must save (more is fine)
@@ -81,7 +87,19 @@ def test_committed_notebook_runs_its_own_defaults(path):
     params = parameters(nb)
     assert params["QUICK"] is False and params.get("SUBSET", None) is None and params.get("CLASS_BUDGET") in (None,
                                                                                                             False)
-    assert params["DRIVE_FOLDER"] == "resnet-cifar10-course"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_parameters_cell_holds_the_experiment_only_and_every_knob_is_checked(path):
+    """No path, device or worker count among the knobs (they are course.start's keywords); every knob has a rule."""
+    params = parameters(load(path))
+    plumbing = {"DATA_DIR", "DOWNLOAD", "OUTPUT_DIR", "IMAGES_DIR", "DRIVE_FOLDER", "DEVICE", "NUM_WORKERS",
+                "START_OVER", "AMP", "CHANNELS_LAST"}
+    assert not plumbing & set(params), plumbing & set(params)
+    assert not [k for k, v in params.items() if isinstance(v, str) and ("/" in v or v in ("cuda", "cpu", "auto"))
+                and k != "PHOTO_URL"]
+    assert set(params) <= set(course.checks.RULES), f"no rule for {set(params) - set(course.checks.RULES)}"
+    course.checks.check_parameters(params)  # the defaults pass their own checks
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -105,7 +123,9 @@ def test_one_setup_cell_and_one_address_everywhere():
     setups = {code(load(p))[0].source for p in NOTEBOOKS}
     assert len(setups) == 1, "the setup cell differs between notebooks"
     setup = setups.pop()
-    assert "google.colab" in setup and "H.print_versions()" in setup and "!" not in setup.replace("!=", "")
+    lines = [line for line in setup.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) <= 8, f"the setup cell has {len(lines)} code lines (at most 8)"
+    assert "import course, helpers as H" in setup and "pip" in setup and "!" not in setup.replace("!=", "")
     url = re.search(r'REPO_URL, REPO_REF = "([^"]+)", "([^"]+)"', setup)
     readme = (ROOT / "README.md").read_text()
     assert url and url.group(1) in readme
@@ -122,7 +142,6 @@ def test_notebook_structure(path):
     nb.cells = [c for c in nb.cells if "run-banner" not in c.metadata.get("tags", [])]
     number = path.name[:2]
     params = parameters(nb)
-    assert {"DATA_DIR", "IMAGES_DIR", "OUTPUT_DIR", "DRIVE_FOLDER"} <= set(params)
     assert ("CLASS_BUDGET" in params) == (number in ("03", "04", "05", "06"))
     for line in parameters_cell(nb).source.splitlines():
         if "=" in line.split("#")[0] and not line.startswith(" "):
@@ -131,14 +150,18 @@ def test_notebook_structure(path):
     for i, cell in enumerate(nb.cells[index + 1:], start=index + 1):
         if cell.cell_type == "code":
             assert nb.cells[i - 1].cell_type == "markdown", f"cell {i} has no markdown before it"
-    checks = nb.cells[index + 2].source
-    assert "if QUICK:" in checks and "H.check_parameters(" in checks and "quick=QUICK" in checks
+    start = nb.cells[index + 2].source
+    assert "if QUICK:" in start and "ws = course.start(globals())" in start
+    boilerplate = [code(nb)[0].source, start, code(nb)[-1].source]  # setup, start, hand-in
+    lines = [line for s in boilerplate for line in s.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) <= 17, f"{len(lines)} lines of setup, start and hand-in (aim: about 15)"
+    assert index <= 3, "the parameters come right after the title and the setup: the first idea is on the first screen"
     first = nb.cells[0].source
     assert "**Cost.**" in first and "Drive" in first and ("T4" in first or number == "01")
     if number not in ("01", "02", "07"):
         assert "estimate" in first and "basis" in first and "**Class budget**" in first
-    for name in re.findall(r'save_figure\(fig, IMAGES_DIR, f?"([^"]+)"', "\n".join(c.source for c in code(nb))):
-        assert name.startswith(path.name[:3]), name
+    names = re.findall(r'ws\.(?:show|savefig)\(fig, f?"([^"]+)"', "\n".join(c.source for c in code(nb)))
+    assert names and all(name.startswith(path.name[:3]) for name in names), names
     assert ("accelerator" in nb.metadata) == (number not in ("01", "02")), "only 03-07 ask for a GPU"
     text = "\n".join(c.source for c in nb.cells).lower()
     for wrong in ("seed 00", "seeds 00", "seed report", "the seeds'", "the seed's", "seed-faithful"):
@@ -151,21 +174,21 @@ def test_exercises_have_ids_answer_cells_and_a_hand_in(path):
     number = path.name[:2]
     ids = re.findall(rf"\*\*Exercise ({number}\.\d)\*\* \(([^)]+)\)", "\n".join(c.source for c in nb.cells))
     assert 3 <= len(ids) <= 5 and [i for i, _ in ids] == [f"{number}.{k}" for k in range(1, len(ids) + 1)]
-    spec = H.notebook_spec(path.stem)
+    spec = notebook_spec(path.stem)
     assert spec["exercises"] == [i for i, _ in ids], "every exercise has an ANSWER_ cell, in order"
     for exercise, cost in ids:
         cell = next(i for i, c in enumerate(nb.cells) if f"**Exercise {exercise}**" in c.source)
         answer = nb.cells[cell + 1]
         assert answer.cell_type == "code" and f"ANSWER_{exercise.replace('.', '_')} = " in answer.source
-        checked = f'H.check_answer("{exercise}"' in answer.source
-        assert checked == (exercise in H.ANSWER_CHECKS), f"{exercise}: self-check and ANSWER_CHECKS disagree"
+        checked = f'ws.check("{exercise}"' in answer.source
+        assert checked == (exercise in ANSWER_CHECKS), f"{exercise}: self-check and ANSWER_CHECKS disagree"
         assert checked or "*A good answer*" in nb.cells[cell].source, f"{exercise}: an open question needs a checklist"
         assert any(w in cost for w in ("no cost", "seconds", "min", "hour")), f"{exercise}: no cost in {cost!r}"
     last = nb.cells[-1]
-    assert last.cell_type == "code" and f'H.hand_in("{path.stem}", globals()' in last.source
+    assert last.cell_type == "code" and f'ws.hand_in("{path.stem}", globals(), STUDENT' in last.source
     assert "STUDENT = " in last.source
     hand_in = nb.cells[-2].source
-    assert "Save a copy in Drive" in hand_in and "Download .ipynb" in hand_in and "zip" in hand_in
+    assert "zip" in hand_in and "README" in hand_in  # what to submit and how: said once, in README
 
 
 @pytest.mark.parametrize("number", sorted(MECHANICS))
@@ -185,7 +208,8 @@ def test_quick_run_as_a_student(number, student_run):
     hand-in zip land in the QUICK sandbox on Drive, and the checks the notebook teaches print True."""
     nb, ws = student_run["notebooks"][number], student_run["workspace"]
     text = printed(nb)
-    assert f"QUICK = True: a sandbox. Everything goes to {ws / 'outputs' / 'quick'}" in text
+    assert "QUICK = True: a sandbox. Everything goes to MyDrive/resnet-cifar10-course/outputs/quick" in text
+    assert str(ws) not in text, "a path of the machine that ran it"
     written = {p.name for p in (ws / "images" / "quick").glob(f"{number}_*.png")}
     assert FIGURES[number] <= written, f"missing figures: {FIGURES[number] - written}"
     for expected in PRINTED.get(number, []):
@@ -197,14 +221,14 @@ def test_quick_run_as_a_student(number, student_run):
         records = {n: json.loads(z.read(n)) for n in names if n.startswith("results/")}
     assert manifest["quick"] is True and manifest["notebook"].startswith(number)
     assert {f"figures/{f}" for f in FIGURES[number]} <= set(names)
-    assert manifest["missing_answers"] == H.notebook_spec(manifest["notebook"])["exercises"]  # nothing typed in
+    assert manifest["unanswered"] == sorted(notebook_spec(manifest["notebook"])["exercises"])  # nothing typed in
     assert manifest["parameters"]["QUICK"] is True
     assert sorted(f"results/{name}.json" for name in manifest["runs"]) == sorted(n for n in names
                                                                                 if n.startswith("results/"))
     assert (number in ("01", "02")) == (not manifest["runs"])
     for record in records.values():
         assert record["quick"] is True and record["status"] == "complete"
-        assert H.record_checksum(record) == record["checksum"]
+        assert record_checksum(record) == record["checksum"] and record["run_id"]
 
 
 def test_quick_runs_write_only_to_their_sandbox_on_drive(student_run):
@@ -224,7 +248,7 @@ def test_the_real_run_after_quick_trains_and_ignores_quick_results(student_run):
     its record says quick: false. QUICK's results never appear as expected results."""
     ws, text = student_run["workspace"], printed(student_run["real_03"])
     assert "LR 0.1: the stated default (no LR range test result at" in text and "a QUICK run's LR" in text
-    assert "resnet18_onecycle: not measured yet" in text  # the QUICK run is no expected result
+    assert "resnet18_onecycle: the course ships no finished run of it yet" in text  # QUICK's is no expected result
     record = json.loads((ws / "outputs" / "results" / "resnet18_onecycle.json").read_text())
     assert record["quick"] is False and record["status"] == "complete"
     assert json.loads((ws / "outputs" / "quick" / "results" / "resnet18_onecycle.json").read_text())["quick"] is True
@@ -242,8 +266,7 @@ def test_07_never_trains_or_touches_another_notebooks_run(student_run, tmp_path)
     ws = student_run["workspace"]
     before = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
     with pytest.raises(CellExecutionError, match="run notebook 03 first.*one of: .*resnet18_onecycle"):
-        run_as_student("07", student_run["env"], out=tmp_path / "07.ipynb", QUICK="True",
-                       DATA_DIR=repr(str(student_run["data"])), EXPERIMENT='"never_trained"')
+        run_as_student("07", student_run["env"], out=tmp_path / "07.ipynb", QUICK="True", EXPERIMENT='"never_trained"')
     assert {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()} == before
 
 
