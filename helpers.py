@@ -273,8 +273,8 @@ def check_augment(aug):
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 # What a CIFAR-10 batch pickle may name: numpy's array rebuilders, nothing that can run other code.
 _PICKLE_ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-                   *{(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-                     for n in ("_reconstruct", "scalar")},
+                   *{(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct",
+                                                                                                   "scalar")},
                    *{(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}}
 
 
@@ -282,21 +282,19 @@ class _CifarUnpickler(pickle.Unpickler):
     """Unpickles plain data and numpy arrays only: a batch file cannot run code."""
 
     def find_class(self, module, name):
-        if (module, name) in _PICKLE_ALLOWED:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core is numpy._core since 2.0
-                return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}': a CIFAR-10 batch holds only plain data")
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load '{module}.{name}': a CIFAR-10 batch holds only plain data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core is numpy._core since 2.0
+            return super().find_class(module, name)
 
 
 def _missing_data_message(folder, missing):
-    return (f"CIFAR-10 not found: {folder} has no {missing}. Put CIFAR-10's python-format batches "
-            f"there (data_batch_1 ... data_batch_5, test_batch, batches.meta: the folder "
-            f"'cifar-10-batches-py' inside {CIFAR10_URL}), or set DOWNLOAD = True where there is internet.")
+    return (f"CIFAR-10 not found: {folder} has no {missing}. Put CIFAR-10's python-format batches there (the folder "
+            f"'cifar-10-batches-py' inside {CIFAR10_URL}), or let the notebook download it where there is internet.")
 
 
 def _download_cifar10(root):
-    """Download and extract CIFAR-10 into root with torchvision's utility."""
     from torchvision.datasets.utils import download_and_extract_archive
 
     try:
@@ -307,29 +305,24 @@ def _download_cifar10(root):
 
 
 def _read_batch(path):
-    """Read one CIFAR-10 python batch file into (uint8 [N, 32, 32, 3], int64 [N]), checking its values."""
+    """One CIFAR-10 python batch file as (uint8 [N, 32, 32, 3], int64 [N]), its values checked."""
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-    except pickle.UnpicklingError as err:
-        if "refused" in str(err):
-            raise ValueError(f"{path} is not a plain CIFAR-10 batch: {err}. Nothing was run; fetch CIFAR-10 again "
-                             f"from its official address") from None
-        raise ValueError(f"{path} is truncated or corrupt ({err}); delete the 'cifar-10-batches-py' folder and "
-                         f"fetch CIFAR-10 again") from None
-    except Exception as err:  # truncated pickle, wrong keys
-        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete the "
-                         f"'cifar-10-batches-py' folder and fetch CIFAR-10 again") from None
-    if data.dtype != np.uint8:
-        raise ValueError(f"{path}: pixels must be uint8 (0-255), got {data.dtype}; this is not CIFAR-10's format")
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise ValueError(f"{path}: data has shape {data.shape} for {len(labels)} labels; expected [N, 3072]")
-    if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
-        raise ValueError(f"{path}: labels must be whole numbers 0-9, got {labels.dtype} from "
-                         f"{labels.min() if len(labels) else '-'} to {labels.max() if len(labels) else '-'}")
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, H, W, C)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+    except Exception as err:  # a refused class, a truncated pickle, wrong keys
+        what = "not a plain CIFAR-10 batch (nothing was run)" if "refused" in str(err) else "truncated or corrupt"
+        raise ValueError(f"{path} is {what}: {type(err).__name__}: {err}. Delete the 'cifar-10-batches-py' folder "
+                         f"and fetch CIFAR-10 again") from None
+    problem = ("pixels must be uint8 (0-255)" if data.dtype != np.uint8 else
+               f"data has shape {data.shape} for {len(labels)} labels; expected [N, 3072]"
+               if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels) else
+               f"labels must be whole numbers 0-9, got {labels.dtype} {labels.min()}..{labels.max()}"
+               if labels.dtype.kind not in "iu" or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9)
+               else None)
+    if problem:
+        raise ValueError(f"{path}: {problem}; this is not CIFAR-10's format")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels.astype(np.int64)
 
 
 # =============================================================================================
@@ -528,8 +521,7 @@ def find_lr(model, optimizer, criterion, train_loader, end_lr=10, num_iter=100, 
 
 
 def _real(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-        and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_range_test(optimizer, start_lr, end_lr, num_iter):
@@ -1157,14 +1149,10 @@ def _cam_targets(targets, logits):
     n, classes = logits.shape
     if targets is None:
         return logits.argmax(1)
-    if isinstance(targets, (torch.Tensor, np.ndarray)):
-        values = np.asarray(targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets).reshape(-1)
-        values = values.tolist() if values.dtype.kind in "iu" else [float(v) if values.dtype.kind == "f" else v
-                                                                     for v in values.tolist()]
-    else:
-        values = list(targets) if isinstance(targets, (list, tuple)) else [targets]
-    index = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
-    if len(values) != n or not all(index(v) and 0 <= v < classes for v in values):
+    values = targets.tolist() if isinstance(targets, (torch.Tensor, np.ndarray)) else targets
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
+    if len(values) != n or not all(whole(v) and 0 <= v < classes for v in values):
         raise ValueError(f"targets must be None or {n} class indices (whole numbers from 0 to {classes - 1}, one per "
                          f"image), got {values!r}")
-    return torch.tensor([int(v) for v in values], dtype=torch.long, device=logits.device)
+    return torch.tensor(values, dtype=torch.long, device=logits.device)
