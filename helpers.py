@@ -872,11 +872,17 @@ def plot_history(history, title=""):
     return fig
 
 
-def plot_lr_schedule(history, title="Learning rate used at every step"):
-    """The LR actually used at every optimizer step, on an epoch axis (03, 05)."""
+def plot_lr_schedule(history, momentum=None, title="Learning rate used at every step"):
+    """The LR used at every optimizer step on an epoch axis; with momentum (one per step), it too (03, 05)."""
     fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
-    ax.plot(np.arange(len(history["lr"])) / max(1, history["steps_per_epoch"]), history["lr"])
+    steps = np.arange(len(history["lr"])) / max(1, history["steps_per_epoch"])
+    ax.plot(steps, history["lr"], label="learning rate")
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
+    if momentum is not None:
+        twin = ax.twinx()
+        twin.plot(steps[: len(momentum)], momentum[: len(steps)], color="C1", ls="--", label="momentum")
+        twin.set_ylabel("momentum")
+        fig.legend(loc="outside right upper")
     ax.grid(alpha=0.3)
     return fig
 
@@ -986,7 +992,7 @@ def plot_cams(images, maps, row_titles, titles=None, alpha=0.5, per_row=5, supti
     if maps:
         heat = plt.cm.ScalarMappable(cmap="jet", norm=matplotlib.colors.Normalize(0, 1))
         fig.colorbar(heat, ax=axes, shrink=0.8 if single else min(0.6, 4.0 / len(axes)), aspect=25,
-                     label="Grad-CAM (0: none, 1: strongest)")
+                     label="map value (0: none, 1: strongest)")
     fig.suptitle(suptitle, fontsize=11)
     return fig
 
@@ -1082,6 +1088,15 @@ def _minmax(maps):
     lo = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - lo
     return torch.where(span > 0, (maps - lo) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def map_correlation(a, b):
+    """Spearman's rank correlation of each pair of maps a[i], b[i]; tied pixels (ReLU's zeros) share a rank (07)."""
+    from scipy.stats import spearmanr  # scipy comes with albumentations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant map has no rank order: its correlation is NaN
+        return np.array([spearmanr(np.ravel(x), np.ravel(y)).statistic for x, y in zip(a, b)], dtype=float)
 
 
 def overlay_cam(image, cam, alpha=0.5, cmap="jet"):

@@ -153,11 +153,12 @@ class Workspace:
         return results_table(self.outputs / "results")
 
     def expected(self, names):
-        """Print what the course's own finished runs of these experiments reached, or that none has been made."""
+        """Print what the course's own finished runs of these experiments reached, and the others it ships."""
         shipped = json.loads(EXPECTED.read_text()) if EXPECTED.exists() else {}
         for name in names:
-            rec = shipped.get(name)
-            print(f"{name}: {rec['summary']}" if rec else f"{name}: the course ships no finished run of it yet")
+            print(f"{name}: {shipped.get(name, 'the course ships no finished run of it yet')}")
+        for name in [n for n in shipped if n not in names]:
+            print(f"shipped with the course: {name}: {shipped[name]}")
 
     def load_trained(self, name):
         """A trained run's best weights in the model they came from: (model, checkpoint); never trains (07)."""

@@ -33,9 +33,12 @@ def expected(output_dir):
     out = {}
     for name, rec in load_results(Path(output_dir) / "results").items():
         if rec["status"] == "complete" and not rec["quick"] and rec["final_test_acc"] is not None:
-            out[name] = {"summary": f"{rec['final_test_acc']:.2f}% test accuracy after {rec['epochs_run']} epochs at "
-                                    f"batch {_batch(rec['config'])}, "
-                                    f"{rec['wall_time_s'] / 60:.0f} min on {rec['device']}"}
+            cfg = rec["config"]
+            model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+            sched = cfg.get("scheduler") if isinstance(cfg.get("scheduler"), dict) else {}
+            out[name] = (f"{rec['final_test_acc']:.2f}% test accuracy ({model.get('name', '?')} "
+                         f"{model.get('norm', '')}, {sched.get('name', '?')}, {rec['epochs_run']} epochs at batch "
+                         f"{_batch(cfg)}; {rec['wall_time_s'] / 60:.0f} min on {rec['device']})")
     return out
 
 
