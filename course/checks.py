@@ -39,6 +39,7 @@ RULES = {
     "PHOTO_URL": ("text", 0, 0, False), "GALLERY_SIZES": ("ints", 1, 100, False),
     "GRID_MODELS": ("choices", tuple(H.MODELS), None, False), "GRID_NORMS": ("choices", H.NORMS, None, False),
     "GRID_SCHEDULERS": ("choices", ("onecycle", "step", "plateau"), None, False),
+    "USE_IN_03": ("bool", 0, 1, False),
     "CAM_LAYERS": ("choices", ("layer1", "layer2", "layer3", "layer4"), None, False), "RUNS": ("runs", 0, 0, False),
 }
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import helpers as H
 
 from . import checks, handin
 from .files import atomic_write, folder_bytes, load_checkpoint, mb, write_json
+from .handin import jsonable
 from .runs import Run, load_results, results_table
 from .system import device_name, versions
 
@@ -176,13 +178,16 @@ class Workspace:
 
     # -- the LR that notebook 02 finds and 03 uses
 
-    def save_lr(self, result, rule="minimum", batch_size=512, **extra):
-        """Write the range test's chosen LR to lr_finder.json, which notebook 03 reads (02)."""
+    def save_lr(self, result, rule="minimum", batch_size=512, for_03=True, **settings):
+        """Write the range test's chosen LR and the run's settings for notebook 03 (lr_finder.json), or, for an
+        exercise's variant (for_03=False), beside it (lr_finder_variant.json), leaving 03's LR alone (02)."""
         lr = checks.check_lr(result.suggestions[rule], f"the '{rule}' suggestion")
-        path = write_json(self.outputs / "lr_finder.json", {"lr": lr, "rule": rule, "batch_size": batch_size,
-                                                            "suggestions": result.suggestions,
-                                                            "diverged": result.diverged, **extra})
-        print(f"wrote {self.shown(path)}: LR {lr:.3g} ('{rule}') at batch {batch_size}")
+        path = self.outputs / ("lr_finder.json" if for_03 else "lr_finder_variant.json")
+        record = {"lr": lr, "rule": rule, "batch_size": batch_size, "suggestions": result.suggestions,
+                  "diverged": result.diverged, "when": time.strftime("%Y-%m-%d %H:%M"), **settings}
+        write_json(path, jsonable(record))
+        print(f"wrote {self.shown(path)}: LR {lr:.3g} ('{rule}') at batch {batch_size}" +
+              ("; notebook 03 reads it" if for_03 else "; notebook 03 does not read it (USE_IN_03 = False)"))
         return path
 
     def lr(self, lr=None, batch_size=512, default=0.1):
@@ -198,8 +203,10 @@ class Workspace:
         scaled = checks.check_lr(found["lr"] * batch_size / found["batch_size"],
                                  f"the LR in {path} ({found['lr']:g} at batch {found['batch_size']}) scaled to batch "
                                  f"{batch_size}")
+        run = ", ".join(f"{k} {found[k]}" for k in ("when", "subset", "label_smoothing", "num_iter") if k in found)
         return scaled, (f"LR {scaled:.3g}: the LR range test's '{found['rule']}' suggestion {found['lr']:.3g} at "
-                        f"batch {found['batch_size']}, scaled linearly to batch {batch_size} ({self.shown(path)})")
+                        f"batch {found['batch_size']}, scaled linearly to batch {batch_size} (notebook 02's run: "
+                        f"{run or 'settings not recorded'}; {self.shown(path)})")
 
     # -- figures, self-checks, the hand-in, the space used
 
