@@ -150,10 +150,14 @@ class RunLock:
         self._stop, self._thread = threading.Event(), None
 
     def _read(self):
-        with contextlib.suppress(OSError, ValueError):
+        """The lock's content; {} for a damaged lock (abandoned by a killed writer), None if there is none."""
+        try:
             other = json.loads(self.path.read_text())
-            return other if isinstance(other, dict) else {}
-        return None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"heartbeat": self.path.stat().st_mtime} if self.path.exists() else None
+        return other if isinstance(other, dict) else {}
 
     def _abandoned(self, other):
         if other.get("host") == self.me["host"]:
@@ -162,19 +166,38 @@ class RunLock:
         return not isinstance(beat, (int, float)) or time.time() - beat > self.STALE_S
 
     def acquire(self):
-        """Take the lock or raise RunBusy naming its holder; then keep its heartbeat fresh."""
-        other = self._read()
-        if other is not None and not self._abandoned(other):
-            beat = other.get("heartbeat")
-            seen = f", last seen {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
-            raise RunBusy(f"'{self.name}' is being trained by another process right now (host {other.get('host')}, "
-                          f"PID {other.get('pid')}, started {other.get('started')}{seen}; {self.path}). This one "
-                          f"stops before writing anything. Stop or finish the other, or give this run another "
-                          f"EXPERIMENT name; if the other is gone (a closed tab, a reset runtime), run this cell again "
-                          f"in {self.STALE_S // 60} minutes.")
-        self._write()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
+        """Take the lock atomically (an exclusive create: of two processes, one wins) or raise RunBusy naming its
+        holder; an abandoned lock is moved aside first (a rename: again, one process wins). Then keep it fresh."""
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._read()
+                if other is None:  # it vanished meanwhile, or is not ours to read yet: try again
+                    time.sleep(0.05)
+                    continue
+                if not self._abandoned(other):
+                    self._refuse(other)
+                stale = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.stale")
+                with contextlib.suppress(OSError):  # the abandoned lock of a gone process: one mover wins
+                    os.replace(self.path, stale)
+                    stale.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({**self.me, "heartbeat": time.time()}))
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+            return
+        raise RunBusy(f"could not take the lock {self.path} after 5 tries (other processes keep taking it); run the "
+                      f"cell again in a minute")
+
+    def _refuse(self, other):
+        beat = other.get("heartbeat")
+        seen = f", last seen {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
+        raise RunBusy(f"'{self.name}' is being trained by another process right now (host {other.get('host')}, PID "
+                      f"{other.get('pid')}, started {other.get('started')}{seen}). This one stops before writing "
+                      f"anything. Stop or finish the other, or give this run another EXPERIMENT name; if the other is "
+                      f"gone (a closed tab, a reset runtime), run this cell again in {self.STALE_S // 60} minutes.")
 
     def _write(self):
         write_json(self.path, {**self.me, "heartbeat": time.time()})

@@ -229,8 +229,8 @@ def _set_rng_state(state):
 class Run:
     """One run's files while H.fit trains it; fit calls begin, end_epoch after every epoch, and finish."""
 
-    def __init__(self, outputs, name, quick=False, start_over=False, config=None):
-        self.name = check_name(name)
+    def __init__(self, outputs, name, quick=False, start_over=False, config=None, shown=str):
+        self.name, self.shown = check_name(name), shown  # shown: a path as the student finds it in the workspace
         self.outputs, self.quick, self.start_over, self.config = Path(outputs), quick, start_over, config or {}
         d = self.outputs / "checkpoints"
         self.paths = {"dir": d, "last": d / f"{name}_last.pt", "prev": d / f"{name}_prev.pt",
@@ -299,7 +299,8 @@ class Run:
                                  f"tenth of it. {self._kept()}; the run is recorded as stopped (diverged) and trains "
                                  f"again from epoch 0 when you run the cell again.") from None
             if kind is KeyboardInterrupt:
-                print(f"Interrupted: {self.paths['last']} holds the last finished epoch; run the cell again to resume.")
+                print(f"Interrupted: {self.shown(self.paths['last'])} holds the last finished epoch; run the cell "
+                      f"again to resume.")
         finally:
             self.lock.release()
         return False
@@ -316,7 +317,8 @@ class Run:
             self._archive()
             saved = None
         if saved:
-            check_same_settings(f"'{self.name}' in {self.outputs}", saved["config"], self.settings)
+            where = f"'{self.name}' in {self.shown(self.outputs)}"
+            check_same_settings(where, saved["config"], self.settings)
         return saved
 
     def _archive(self):
@@ -326,13 +328,13 @@ class Run:
     def _load_finished(self, model, saved):
         best = self.paths["best"]
         if not best.exists():
-            raise FileNotFoundError(f"'{self.name}' finished earlier ({saved['epochs_run']} epochs) but {best} is "
-                                    f"missing: restore it (e.g. from Drive's bin), or start over with "
-                                    f"course.start(globals(), start_over=True)")
+            raise FileNotFoundError(f"'{self.name}' finished earlier ({saved['epochs_run']} epochs) but "
+                                    f"{self.shown(best)} is missing: restore it (e.g. from Drive's bin), or start "
+                                    f"over with course.start(globals(), start_over=True)")
         ckpt = load_checkpoint(best, model)
         self._free_finished()
         print(f"'{self.name}': finished earlier ({saved['epochs_run']}/{self.epochs} epochs); loaded its best "
-              f"weights (epoch {ckpt['epoch']}) from {best}")
+              f"weights (epoch {ckpt['epoch']}) from {self.shown(best)}")
         self.record, self.done, self.history = saved, True, saved["history"]
         self.best = {"epoch": ckpt["epoch"], "score": None}
         return saved["history"]
@@ -343,7 +345,7 @@ class Run:
         if path is None:
             return self.history
         ckpt = load_checkpoint(path, model)
-        check_same_settings(path, ckpt["config"], self.settings)
+        check_same_settings(self.shown(path), ckpt["config"], self.settings)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -353,7 +355,7 @@ class Run:
         self.run_id = ckpt.get("run_id", self.run_id)
         _set_rng_state(ckpt["rng"])
         self._repair_best(model)
-        print(f"'{self.name}': resumed after epoch {len(self.history['epoch'])}/{self.epochs} from {path}")
+        print(f"'{self.name}': resumed after epoch {len(self.history['epoch'])}/{self.epochs} from {self.shown(path)}")
         return self.history
 
     def _repair_best(self, model):
