@@ -47,6 +47,8 @@ def start(variables, drive_folder="resnet-cifar10-course", data_dir=None, device
     """
     params = {k: v for k, v in variables.items() if k in checks.RULES}
     checks.check_parameters(params)
+    if not isinstance(start_over, bool):
+        raise ValueError(f"start_over must be True or False, got {start_over!r}")
     quick = bool(params.get("QUICK"))
     root = _drive_root(drive_folder) if on_colab() and drive_folder is not None else None
     if on_colab() and root is None:

@@ -65,6 +65,12 @@ def publish(root, dest):
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise SystemExit(f"--publish needs an empty or new folder; {dest} is not empty")
+    changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    if changed:  # --publish copies the last commit: say what it would leave out, instead of leaving it out silently
+        raise SystemExit(f"{len(changed)} file(s) changed since the last commit would not be in the class's copy: "
+                         f"{', '.join(line[3:] for line in changed[:5])}. Commit them (git commit -am '...') and run "
+                         f"this again.")
     files = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "--name-only", "HEAD"], capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:

@@ -17,6 +17,11 @@ import torch
 from conftest import ROOT
 
 import helpers as H
+from course.handin import ANSWER_CHECKS, check_answer
+from course.runs import record_checksum
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from class_results import notebook_spec  # noqa: E402
 
 ANSWERS = ROOT / "teacher" / "answers"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -39,7 +44,7 @@ def script(name):
 
 
 def test_every_exercise_has_a_model_answer_and_every_answer_an_exercise():
-    exercises = [e for p in NOTEBOOKS for e in H.notebook_spec(p.stem)["exercises"]]
+    exercises = [e for p in NOTEBOOKS for e in notebook_spec(p.stem)["exercises"]]
     answers = model_answers()
     assert len(exercises) == len(set(exercises)) >= 7 * 3
     assert sorted(answers) == sorted(exercises), (f"no model answer: {sorted(set(exercises) - set(answers))}; "
@@ -51,39 +56,45 @@ def test_fixed_self_checks_accept_the_model_answer_and_refuse_others(capsys):
     """Each 'check: VALUE' in the model answers is right by check_answer; a wrong value is not; nothing shows it."""
     fixed = {e: ast.literal_eval(v) for e, body in model_answers().items()
              for v in re.findall(r"check: (-?[\d.]+)", body)}
-    hashed = {e for e, c in H.ANSWER_CHECKS.items() if isinstance(c, str)}
+    hashed = {e for e, c in ANSWER_CHECKS.items() if isinstance(c, str)}
     assert hashed <= set(fixed), f"hashed checks without a model value: {hashed - set(fixed)}"
+    checks = {}
     for exercise, value in fixed.items():
-        assert H.check_answer(exercise, value) is True, exercise
-        assert H.check_answer(exercise, value + 3) is False, exercise
-    assert H.check_answer("03.1", "75 ") and H.check_answer("03.1", 75.0)  # spellings of one answer
+        assert check_answer(checks, exercise, value) is True, exercise
+        assert check_answer(checks, exercise, value + 3) is False, exercise
+    assert check_answer(checks, "03.1", "75 ") and check_answer(checks, "03.1", 75.0)  # spellings of one answer
+    assert check_answer(checks, "03.1", "75%")  # a number plainly written as a percentage
     out = capsys.readouterr().out
-    assert "right." in out and "not right yet" in out and "answer is not shown" in out
-    assert H.check_answer("03.1", None) is None and "no answer yet" in capsys.readouterr().out
-    assert H.check_answer("03.1", True) is False and "could not read" in capsys.readouterr().out
+    assert "right (try 1)" in out and "not right yet" in out and "answer is not shown" in out
+    assert checks["03.1"] == {"right": True, "answer": "75%", "tries": 5}
+    assert check_answer(checks, "03.1", None) is None and "no answer yet" in capsys.readouterr().out
+    assert check_answer(checks, "03.1", True) is False and "could not read" in capsys.readouterr().out
     with pytest.raises(ValueError, match="has no self-check.*checkable: 01.2"):
-        H.check_answer("03.4", "text")
-    source = (ROOT / "helpers.py").read_text()
+        check_answer(checks, "03.4", "text")
+    source = "".join(p.read_text() for p in (ROOT / "course").glob("*.py")) + (ROOT / "helpers.py").read_text()
     for exercise, value in fixed.items():
-        if isinstance(H.ANSWER_CHECKS[exercise], str):
+        if isinstance(ANSWER_CHECKS[exercise], str):
             assert f'"{exercise}": {value}' not in source and f"answer == {value}" not in source
 
 
 def test_self_checks_read_the_students_own_run():
+    def ok(exercise, answer, **run):
+        return check_answer({}, exercise, answer, **run)
+
     cm = np.zeros((10, 10), int)
     cm[3, 5], cm[5, 3] = 40, 30  # cats called dogs most
-    assert H.check_answer("07.1", ("cat", "dog"), cm=cm) and not H.check_answer("07.1", ("dog", "cat"), cm=cm)
+    assert ok("07.1", ("cat", "dog"), cm=cm) and not ok("07.1", ("dog", "cat"), cm=cm)
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
     schedule = torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=0.1, total_steps=1760, pct_start=0.25)
-    assert H.check_answer("03.2", (1760, 439), scheduler=schedule)
-    assert H.check_answer("03.2", (1760, 440), scheduler=schedule)  # 0.25 x 1760: one step either way
-    assert not H.check_answer("03.2", (1760, 600), scheduler=schedule)
+    assert ok("03.2", (1760, 439), scheduler=schedule)
+    assert ok("03.2", (1760, 440), scheduler=schedule)  # 0.25 x 1760: one step either way
+    assert not ok("03.2", (1760, 600), scheduler=schedule)
     history = {"steps_per_epoch": 2, "epoch": [1, 2, 3, 4], "lr": [0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]}
     assert H.lr_drops(history) == [3, 4]
-    assert H.check_answer("05.2", [3, 4], record={"history": history}) and not H.check_answer(
+    assert ok("05.2", [3, 4], record={"history": history}) and not ok(
         "05.2", [], record={"history": history})
-    assert H.check_answer("06.2", "step", row={"onecycle": 80.0, "step": 81.5, "plateau": 79.0})
-    assert H.check_answer("01.2", 1.21, std=(0.2452, 0.2428, 0.2606))
+    assert ok("06.2", "step", row={"onecycle": 80.0, "step": 81.5, "plateau": 79.0})
+    assert ok("01.2", 1.21, std=(0.2452, 0.2428, 0.2606))
 
 
 @pytest.fixture(scope="module")
@@ -142,26 +153,34 @@ def test_class_results_table_flags_quick_edited_incomplete_and_changed_runs(hand
 
 
 def test_incomplete_runs_are_flagged(tmp_path):
-    record = H.run_record("half", {"epochs": 20}, {k: [] for k in ("epoch", "train_acc", "test_acc", "val_acc")},
-                          11, "cpu", 60.0, "running")
-    record = H.save_results(record, tmp_path)
+    record = {"experiment": "half", "status": "running", "config": {"epochs": 20}, "epochs_run": 0,
+              "history": H.empty_history()}
+    record["checksum"] = record_checksum(record)
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as z:
         z.writestr("manifest.json", json.dumps({"notebook": "03_resnet18_onecycle", "student": "Zed",
-                                                "parameters": {}, "answers": {}, "missing_answers": []}))
+                                                "parameters": {}, "answers": {}, "unanswered": []}))
         z.writestr("results/half.json", json.dumps(record))
     rows = script("class_results").class_results(tmp_path, {}, tmp_path / "out")
     assert "run not complete (running)" in rows[0]["flags"]
 
 
 def test_the_class_copy_leaves_teacher_out(tmp_path):
-    """--publish writes the last commit without teacher/, with the address set there; this checkout is unchanged."""
-    before = (ROOT / "README.md").read_text()
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_repo_url.py"),
-                           "https://github.com/my-school/resnet-course", "--ref", "v1.0", "--publish",
-                           str(tmp_path / "class")], capture_output=True, text=True)
+    """--publish writes the last commit without teacher/, with the address set there; the checkout is unchanged; a
+    change not yet committed (a teacher's CLASS_BUDGET = True) is named, not silently left out."""
+    checkout = tmp_path / "teachers"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
+    script = [sys.executable, str(ROOT / "scripts" / "set_repo_url.py"), "https://github.com/my-school/resnet-course",
+              "--ref", "v1.0", "--root", str(checkout)]
+    before = (checkout / "README.md").read_text()
+    done = subprocess.run([*script, "--publish", str(tmp_path / "class")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     copy = tmp_path / "class"
-    assert (copy / "helpers.py").exists() and (copy / "notebooks" / "03_resnet18_onecycle.ipynb").exists()
-    assert not (copy / "teacher").exists()
+    assert (copy / "helpers.py").exists() and (copy / "course" / "runs.py").exists()
+    assert (copy / "notebooks" / "03_resnet18_onecycle.ipynb").exists() and not (copy / "teacher").exists()
     assert "my-school/resnet-course/blob/v1.0/notebooks/03_resnet18_onecycle.ipynb" in (copy / "README.md").read_text()
-    assert (ROOT / "README.md").read_text() == before
+    assert (checkout / "README.md").read_text() == before
+    notebook = checkout / "notebooks" / "03_resnet18_onecycle.ipynb"
+    notebook.write_text(notebook.read_text().replace("CLASS_BUDGET = False", "CLASS_BUDGET = True"))
+    done = subprocess.run([*script, "--publish", str(tmp_path / "class2")], capture_output=True, text=True)
+    assert done.returncode != 0 and "notebooks/03_resnet18_onecycle.ipynb" in done.stderr and "Commit" in done.stderr
+    assert not (tmp_path / "class2").exists()
