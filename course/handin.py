@@ -6,6 +6,7 @@ its result is reported for the answer handed in, not for an earlier one.
 """
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import helpers as H
 
@@ -111,8 +113,11 @@ def check_answer(self_checks, exercise, answer, **your_run):
     return right
 
 
-def hand_in(ws, notebook, variables, student="", runs=(), files=()):
-    """Zip this notebook's answers, figures and runs' results into outputs/handin/<notebook>.zip; say what to submit."""
+def hand_in(ws, notebook, variables, student="", runs=(), files=(), weights=False):
+    """Zip this notebook's answers, figures and runs' results into outputs/handin/<notebook>.zip; say what to submit.
+
+    weights=True adds each run's best weights in half precision (about 22 MB for a ResNet18), so that a teacher can
+    re-evaluate the claimed accuracy (scripts/class_results.py --verify)."""
     pattern = re.compile(rf"ANSWER_({notebook[:2]})_(\d+)((?:_\w+)?)")  # ANSWER_03_1_WHY is "03.1 why"
     answers = {f"{m[1]}.{m[2]}{m[3].replace('_', ' ').lower()}": value for name, value in variables.items()
                if (m := pattern.fullmatch(name))}
@@ -132,16 +137,24 @@ def hand_in(ws, notebook, variables, student="", runs=(), files=()):
     path = ws.outputs / "handin" / f"{notebook}.zip"
     members = {**{f"results/{p.name}": p for p in run_files if p.exists()}, **{f"figures/{p.name}": p for p in figures},
                **{f"files/{p.name}": p for p in extra}}
-    atomic_write(path, lambda tmp: _write_zip(tmp, manifest, members))
+    best = [ws.outputs / "checkpoints" / f"{p.stem}_best.pt" for p in run_files if p.exists()] if weights else []
+    manifest["weights"] = [p.name.removesuffix("_best.pt") for p in best if p.exists()]
+    atomic_write(path, lambda tmp: _write_zip(tmp, manifest, members, [p for p in best if p.exists()]))
     _print_hand_in(ws, path, manifest)
     return path
 
 
-def _write_zip(tmp, manifest, members):
+def _write_zip(tmp, manifest, members, best=()):
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("manifest.json", json.dumps(manifest, indent=1))
         for arcname, source in members.items():
             z.write(source, arcname)
+        for path in best:  # weights only (no optimizer, no pickled objects), half precision
+            state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            buffer = io.BytesIO()
+            torch.save(half, buffer)
+            z.writestr(f"weights/{path.name.removesuffix('_best.pt')}.pt", buffer.getvalue(), zipfile.ZIP_STORED)
 
 
 def _print_hand_in(ws, path, manifest):
@@ -151,7 +164,8 @@ def _print_hand_in(ws, path, manifest):
     print(f"  student: {manifest['student'] or '(not set: type your name or ID into STUDENT and run this cell again)'}")
     print(f"  inside: answers to {', '.join(manifest['answers']) or 'none'}{missing}; {len(manifest['figures'])} "
           f"figures; results of {runs} run{'s' * (runs != 1)}"
-          f"{' and ' + ', '.join(manifest['files']) if manifest['files'] else ''}")
+          f"{' and ' + ', '.join(manifest['files']) if manifest['files'] else ''}"
+          f"{'; the best weights of ' + ', '.join(manifest['weights']) if manifest['weights'] else ''}")
     sizes = ws.size()
     print("  workspace: " + ", ".join(f"{k} {mb(v)}" for k, v in sizes.items() if v) +
           f" (total {mb(sum(sizes.values()))} of a free Drive's 15 GB)")

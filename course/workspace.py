@@ -226,9 +226,10 @@ class Workspace:
         """Say at once whether an answer is right, without showing the right one (the exercises)."""
         return handin.check_answer(self.self_checks, exercise, answer, **your_run)
 
-    def hand_in(self, notebook, variables, student="", runs=(), files=()):
-        """Write notebook's hand-in zip (answers, figures, its runs' results) and say what to submit (last cell)."""
-        return handin.hand_in(self, notebook, variables, student=student, runs=runs, files=files)
+    def hand_in(self, notebook, variables, student="", runs=(), files=(), weights=False):
+        """Write notebook's hand-in zip (answers, figures, its runs' results; weights=True: their best weights in
+        half precision, for the teacher to verify) and say what to submit (every notebook's last cell)."""
+        return handin.hand_in(self, notebook, variables, student=student, runs=runs, files=files, weights=weights)
 
     def size(self):
         """Bytes the workspace uses by part: checkpoints, results, archive, hand-ins, QUICK's sandbox, figures."""
