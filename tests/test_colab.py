@@ -1,18 +1,16 @@
-"""The course on Colab: the setup cell's three failure messages, the Drive workspace's rules, and
-scripts/set_repo_url.py on a copy of the checkout. Colab is faked; /content and Drive are temporary folders."""
+"""The course on Colab: the setup cell's three failure messages and scripts/set_repo_url.py on a copy of the
+checkout. Colab is faked; /content and Drive are temporary folders. The Drive workspace's rules are in
+test_course_workspace.py."""
 
 import shutil
 import subprocess
 import sys
-import types
 
 import nbformat
 import pytest
 from conftest import ROOT
 from nbclient.exceptions import CellExecutionError
 from student import fake_colab
-
-import helpers as H
 
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -68,57 +66,6 @@ def test_on_colab_a_failed_clone_quotes_git(tmp_path, case):
     assert ("does not appear to be a git repository" in message or "does not exist" in message) if case == \
         "no such repository" else "v9.9 not found" in message
     assert "Teacher: check the address and the tag" in message and "internet" in message
-
-
-@pytest.fixture
-def on_colab(tmp_path, monkeypatch):
-    """This process believes it is on Colab: google.colab imports, /content is tmp_path/content."""
-    colab = types.ModuleType("google.colab")
-    drive = types.ModuleType("google.colab.drive")
-    mounted = []
-    drive.mount = lambda path, **kw: (mounted.append(path), (tmp_path / "content" / "drive" / "MyDrive").mkdir(
-        parents=True, exist_ok=True))
-    colab.drive = drive
-    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
-    monkeypatch.setitem(sys.modules, "google.colab", colab)
-    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
-    monkeypatch.setattr(H, "COLAB_CONTENT", tmp_path / "content")
-    return mounted
-
-
-def test_drive_folder_a_name_is_a_folder_in_mydrive_and_says_so(on_colab, tmp_path, capsys):
-    out, images = H.workspace("my-course")
-    drive = tmp_path / "content" / "drive"
-    assert out == str(drive / "MyDrive" / "my-course" / "outputs") and on_colab == [str(drive)]
-    text = capsys.readouterr().out
-    assert "'my-course' is a name, not a path: using" in text and "workspace on Google Drive" in text
-    out, _ = H.workspace(str(drive / "MyDrive" / "x"), quick=True)  # absolute inside Drive: fine; mounted once
-    assert out == str(drive / "MyDrive" / "x" / "outputs" / "quick") and len(on_colab) == 1
-
-
-@pytest.mark.parametrize("folder", ["/tmp/course", "{content}/drive", "{content}/drive/MyDrive/../../x", ""])
-def test_drive_folder_outside_google_drive_is_refused(on_colab, tmp_path, folder):
-    with pytest.raises(ValueError, match="DRIVE_FOLDER must be a folder") as err:
-        H.workspace(folder.format(content=tmp_path / "content"))
-    assert "lost when the runtime resets" in str(err.value) or "(or None)" in str(err.value)
-    assert not (tmp_path / "x").exists()
-
-
-def test_a_workspace_that_cannot_be_written_is_refused_with_the_reason(on_colab, tmp_path):
-    drive = tmp_path / "content" / "drive" / "MyDrive"
-    drive.mkdir(parents=True)
-    (drive / "blocked").write_text("a file where the course folder should be")
-    with pytest.raises(ValueError, match=r"blocked/outputs.*is a file, not a folder|blocked.*is a file"):
-        H.workspace("blocked")
-    with pytest.raises(ValueError, match="cannot write to /proc/course"):
-        H.workspace(None, output_dir="/proc/course")  # a read-only file system, even for root
-
-
-def test_drive_folder_none_stays_in_the_runtime_and_says_a_reset_loses_it(on_colab, tmp_path, capsys,
-                                                                         monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert H.workspace(None) == ("outputs", "images") and on_colab == []
-    assert "a reset or disconnect loses them" in capsys.readouterr().out
 
 
 def test_set_repo_url_rewrites_every_notebook_and_readme(tmp_path):

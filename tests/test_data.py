@@ -226,33 +226,6 @@ def test_subset_must_fit_the_dataset(fake_cifar):
         H.load_cifar10(fake_cifar, subset=0)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"EPOCHS": 0}, "EPOCHS must be a whole number from 1 to 1000, got 0"),
-    ({"EPOCHS": -3}, "EPOCHS must be a whole number"),
-    ({"EPOCHS": 2.5}, "EPOCHS must be a whole number from 1 to 1000, got 2.5"),
-    ({"EPOCHS": True}, "EPOCHS must be a whole number"),
-    ({"SUBSET": 1}, "SUBSET must be a whole number from 20 to 50000 \\(or None\\), got 1"),
-    ({"SUBSET": -5}, "SUBSET"),
-    ({"BATCH_SIZE": 0}, "BATCH_SIZE must be a whole number from 2 to 4096"),
-    ({"VAL_FRACTION": 0.99}, "VAL_FRACTION must be a number from 0 to 0.5"),
-    ({"LR": float("nan")}, "LR must be a number"),
-    ({"NUM_WORKERS": "many"}, "NUM_WORKERS must be \"auto\" or a whole number"),
-    ({"MODEL": "resnet19"}, "MODEL must be one of resnet18, resnet34, resnet50, got 'resnet19'"),
-    ({"NORM": "batchnorm"}, "NORM must be one of bn, ln, gn"),
-    ({"AUGMENT": {"cutuot": 16}}, "AUGMENT: unknown augmentation"),
-])
-def test_parameters_are_checked_with_their_valid_range(params, message):
-    with pytest.raises(ValueError, match=message):
-        H.check_parameters(**params)
-
-
-def test_good_parameters_pass_and_every_problem_is_listed():
-    H.check_parameters(EPOCHS=20, SUBSET=None, BATCH_SIZE=512, LR=None, VAL_FRACTION=0.1, NUM_WORKERS="auto")
-    with pytest.raises(ValueError) as err:
-        H.check_parameters(EPOCHS=0, BATCH_SIZE=0)
-    assert "EPOCHS" in str(err.value) and "BATCH_SIZE" in str(err.value)
-
-
 def test_augment_is_one_small_dict_with_clear_errors():
     assert H.check_augment(None) == H.AUGMENT
     assert H.check_augment({"cutout": True})["cutout"] == 16
