@@ -86,7 +86,8 @@ def _drive_root(drive_folder):
         from google.colab import drive as colab_drive
 
         colab_drive.mount(str(drive))  # asks once for permission
-    print(f"workspace on Google Drive: {folder} (checkpoints, results and figures survive a runtime reset)")
+    print(f"workspace on Google Drive: MyDrive/{folder.relative_to(mydrive)} (checkpoints, results and figures "
+          f"survive a runtime reset)")
     return folder
 
 
