@@ -90,6 +90,9 @@ def problem(name, value):
 
 def check_parameters(params):
     """Refuse bad parameters, all listed in one error; params: {NAME: value} of a parameters cell."""
+    unknown = sorted(set(params) - set(RULES))
+    if unknown:
+        raise ValueError(f"no rule for parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(RULES))}")
     problems = [p for name, value in params.items() if (p := problem(name, value))]
     if problems:
         raise ValueError("bad parameter(s) in the parameters cell:\n  " + "\n  ".join(problems))

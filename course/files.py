@@ -100,7 +100,11 @@ def load_checkpoint(path, model=None):
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
-            raise ValueError(f"{path} holds another model ({ckpt.get('arch')}): {str(err).splitlines()[0]}") from None
+            from .runs import describe_model  # (runs imports this module)
+
+            raise ValueError(f"{path} holds a {ckpt.get('arch') or 'model of another shape'}, not a "
+                             f"{describe_model(model)} like this one ({str(err).splitlines()[-1].strip()[:160]}); "
+                             f"build the model it holds, or load another checkpoint") from None
     return ckpt
 
 
@@ -150,7 +154,7 @@ class RunLock:
         self._stop, self._thread = threading.Event(), None
 
     def _read(self):
-        """The lock's content; {} for a damaged lock (abandoned by a killed writer), None if there is none."""
+        """The lock's content; for an unreadable lock only its age (a writer may be writing it), None if none."""
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -194,10 +198,12 @@ class RunLock:
     def _refuse(self, other):
         beat = other.get("heartbeat")
         seen = f", last seen {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
-        raise RunBusy(f"'{self.name}' is being trained by another process right now (host {other.get('host')}, PID "
-                      f"{other.get('pid')}, started {other.get('started')}{seen}). This one stops before writing "
-                      f"anything. Stop or finish the other, or give this run another EXPERIMENT name; if the other is "
-                      f"gone (a closed tab, a reset runtime), run this cell again in {self.STALE_S // 60} minutes.")
+        who = (f"host {other.get('host')}, PID {other.get('pid')}, started {other.get('started')}{seen}"
+               if "host" in other else f"its lock file is being written or damaged{seen}")
+        raise RunBusy(f"'{self.name}' is being trained by another process right now ({who}). This one stops before "
+                      f"writing anything. Stop or finish the other, or give this run another EXPERIMENT name; if the "
+                      f"other is gone (a closed tab, a reset runtime), run this cell again in {self.STALE_S // 60} "
+                      f"minutes.")
 
     def _write(self):
         write_json(self.path, {**self.me, "heartbeat": time.time()})

@@ -184,6 +184,8 @@ class Workspace:
     def save_lr(self, result, rule="minimum", batch_size=512, for_03=True, **settings):
         """Write the range test's chosen LR and the run's settings for notebook 03 (lr_finder.json), or, for an
         exercise's variant (for_03=False), beside it (lr_finder_variant.json), leaving 03's LR alone (02)."""
+        if rule not in result.suggestions:
+            raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(result.suggestions)}")
         lr = checks.check_lr(result.suggestions[rule], f"the '{rule}' suggestion")
         path = self.outputs / ("lr_finder.json" if for_03 else "lr_finder_variant.json")
         record = {"lr": lr, "rule": rule, "batch_size": batch_size, "suggestions": result.suggestions,

@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One torch thread in the test process (TEST_TORCH_THREADS to change it): on a small shared machine (2 cores, other
+# work) one thread per core oversubscribes and stalls; the fast tests took 4x as long. Their models are tiny anyway.
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"

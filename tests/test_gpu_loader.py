@@ -42,12 +42,12 @@ def test_gpu_loader_crop_shifts_the_image():
     assert len(seen) > 5 and all(6 <= r <= 14 and 6 <= c <= 14 for r, c in seen)
 
 
-def test_fit_trains_from_the_gpu_loader(fake_cifar, tmp_path):
+def test_fit_trains_from_the_gpu_loader(fake_cifar):
     x, y = H.load_cifar10(fake_cifar)
     xt, yt = H.load_cifar10(fake_cifar, train=False)
     data = H.CifarLoaders(GPULoader(x, y, batch_size=20, train=True, device="cpu"), None,
                        GPULoader(xt, yt, batch_size=25, device="cpu"), xt, yt)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10))
-    rec = H.fit(model, data, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, output_dir=tmp_path,
-                device="cpu", progress=False)
+    rec = H.fit(model, data, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, device="cpu",
+                progress=False)
     assert rec["epochs_run"] == 2 and len(rec["history"]["lr"]) == 2 * len(data.train)
