@@ -1,182 +1,919 @@
 """A class's results from its hand-in zips: python scripts/class_results.py HANDIN_FOLDER [--assignment F] [--out D]
 
 Reads every zip under HANDIN_FOLDER (a folder per student, or all zips in one folder; each written by a notebook's
-hand-in cell) and writes class_results.md, class_results.csv and class_results.png into --out (default:
-HANDIN_FOLDER): per student and notebook, the runs (settings, epochs, final test accuracy, device, time), the
-answers given or missing, and flags: a QUICK run handed in as real work, a run not complete, a results record
-edited by hand (its checksum no longer matches: this catches a hand-edited number, not a determined cheat), and
-settings that differ from the assignment's. The assignment is each notebook's defaults, changed by --assignment,
-a JSON file such as {"03": {"CLASS_BUDGET": true}, "04": {"CLASS_BUDGET": true}}. Nothing is re-run.
+hand-in cell) and writes class_results.md, class_results.csv and class_results.png (more than 40 rows or 30 runs:
+class_results_2.png, ...) into --out (default: HANDIN_FOLDER). A row per run of each hand-in (or one per hand-in
+without runs), keyed by its file (folder and name) and showing the student's name: the run's settings, epochs,
+final test accuracy, device, time and run id, the answers given or missing, the self-checks with their tries, and
+flags. Nothing is re-run, extracted to disk or unpickled. The assignment is each notebook's defaults changed by
+--assignment, a JSON file such as {"03": {"CLASS_BUDGET": true}}; CLASS_BUDGET true means what the notebook's own
+`elif CLASS_BUDGET:` branch sets (read from its start cell). A typo in it (bad JSON, an unknown notebook or
+parameter, a value the notebook refuses) stops the script before any zip is read, naming the key (exit code 2).
+
+One student's file never costs the class its table: each file is read on its own within limits (a zip of at most
+500 MiB and 500 members; manifest.json at most 5 MiB and results files 50 MiB once inflated, read streaming and refused
+past the limit; JSON nested at most 50 levels). A file that cannot be read is a flagged row saying why (encrypted,
+a compression Python cannot read, too large, not JSON, a manifest that is not an object...); anything that is not
+a regular file (a FIFO, a broken symlink, a symlink loop) is a row saying it was skipped. Symlinked folders are read.
+
+What each flag proves, and what it does not:
+
+QUICK run / QUICK-sized data: the manifest, the record or its config says QUICK, or the record trained on less than
+90% of CIFAR-10's 50,000 training images (validation included) while the manifest's SUBSET says all of them. It
+proves the numbers are not a full-size run's; a run on a SUBSET the assignment asked for is not flagged.
+
+settings differ: a result-changing parameter in the manifest is not the assignment's. It proves the student ran
+other settings, or handed in a manifest that says so; it does not prove the run used them (see the next flag).
+
+manifest and record disagree: epochs, batch size, LR or QUICK read from the record's own config (what the objects
+were built with) are not what the manifest's parameters say, or the record trained on fewer images than its SUBSET.
+It proves one of the two files does not describe the run; a student who edits both consistently is not caught.
+
+record edited by hand / record has no checksum: the record's checksum (course.runs.record_checksum) does not match
+its content. It catches a number edited by hand, not a determined cheat, who can recompute the checksum.
+
+final test acc differs from its history / wall time shorter than its epochs / epochs run disagree with its
+history: a summary number contradicts the per-epoch history it was computed from. It proves an edit (or a damaged
+file); a history edited to agree is not caught. impossible accuracy: NaN, infinite or outside 0-100: shown as "-".
+
+run not complete / results file missing / run missing / no training run handed in: the run did not finish, a run
+the manifest lists has no results file in the zip, or a training notebook (03-06) came with no run at all.
+
+same run as <student>: two students' hand-ins hold a run with one run id, or one identical history (test accuracy
+and epoch times). It proves a copied results file (flagged on both rows: who copied whom is for the teacher); runs
+trained again from the same code are not identical, and a copy with its history changed is not caught.
+
+two hand-ins of NN / folder and manifest disagree / no student name: one student's folder holds two zips of one
+notebook (both shown), the folder's name is not the manifest's student, or the manifest names no one. They say
+which row to read with care; they prove nothing about the work.
+
+self-checks: each checked exercise, right or wrong, with its tries. A fixed answer (a hash in
+course.handin.ANSWER_CHECKS) is checked again here ("75%" and "4x" read as 75 and 4): "self-check claim does not
+match the answer" proves the manifest was edited; "changed after the check" means the answer handed in is not the
+one checked. Checks that need the student's run (the others) are shown as the manifest reports them.
 """
 
 import argparse
 import ast
 import csv
+import difflib
 import json
+import math
+import os
 import re
+import stat
 import sys
+import unicodedata
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course.handin import jsonable  # noqa: E402
+from course.checks import RULES, problem  # noqa: E402
+from course.handin import ANSWER_CHECKS, answer_hash, blank, jsonable  # noqa: E402
 from course.runs import record_checksum  # noqa: E402
 
 # Parameters that never change a result (display, what is shown): never flagged.
 IGNORED = {"INTERACTIVE", "RUN_VGG16", "PHOTO_URL", "TTA", "QUICK", "EXPERIMENT", "GALLERY_SIZES", "N_CAM",
            "N_COMPARE", "ALPHA"}
+LIMITS = {"zip": 500 << 20, "directory": 10 << 20, "members": 500, "manifest": 5 << 20, "record": 50 << 20,
+          "depth": 50}  # bytes (MiB), members, levels
+TRAINS = ("03", "04", "05", "06")  # the notebooks that train: a hand-in of one without a run is flagged
+FULL = 50_000  # CIFAR-10's training images (45,000 + 5,000 for validation in 03); QUICK uses a few hundred
+WIDTH = 60  # characters of a name in the table and the CSV (30 in the figure)
+FIGURE_ROWS, FIGURE_COLUMNS, FIGURE_PAGES = 40, 30, 50
+COLUMNS = ["student", "notebook", "run", "run id", "model", "epochs", "batch", "lr", "scheduler", "final test acc %",
+           "test acc at best val %", "device", "wall time min", "answers", "self-checks", "flags", "file"]
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+class AssignmentError(ValueError):
+    """The teacher's assignment names a notebook or parameter that does not exist, or a value a notebook refuses."""
+
+
+class Unreadable(Exception):
+    """A file or member that cannot be read: the message says why."""
+
+
+def _source(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _assignments(statements):
+    """{NAME: value} of the literal assignments among statements (`A = 1`, `A, B = 1, 2`)."""
+    out = {}
+    for node in statements:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target, value = node.targets[0], node.value
+        pairs = [(target, value)]
+        if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) and len(target.elts) == len(value.elts):
+            pairs = list(zip(target.elts, value.elts))
+        for name, expr in pairs:
+            if isinstance(name, ast.Name):
+                try:
+                    out[name.id] = jsonable(ast.literal_eval(expr))
+                except ValueError:
+                    pass
+    return out
 
 
 def notebook_spec(notebook, folder=None):
-    """A course notebook's parameters (name: default) and exercise ids, read from its file in the checkout."""
+    """A course notebook's parameters (name: default), exercise ids, and what its `elif CLASS_BUDGET:` branch sets
+    (class_budget), read from its file in the checkout."""
     path = Path(folder or ROOT / "notebooks") / f"{notebook}.ipynb"
     cells = json.loads(path.read_text())["cells"]
-    source = lambda c: "".join(c["source"]) if isinstance(c["source"], list) else c["source"]  # noqa: E731
     params = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
-    assigns = [t for t in ast.parse(source(params)).body if isinstance(t, ast.Assign) and len(t.targets) == 1
-               and isinstance(t.targets[0], ast.Name)]
     exercises = [f"{a}.{b}" for c in cells if c["cell_type"] == "code"
-                 for a, b in re.findall(r"^ANSWER_(\d\d)_(\d+)\s*=", source(c), re.M)]
-    return {"parameters": {t.targets[0].id: jsonable(ast.literal_eval(t.value)) for t in assigns},
-            "exercises": exercises}
-COLUMNS = ["student", "notebook", "run", "model", "epochs", "batch", "lr", "scheduler", "final test acc %",
-           "test acc at best val %", "device", "wall time min", "answers", "self-checks", "flags"]
+                 for a, b in re.findall(r"^ANSWER_(\d\d)_(\d+)\s*=", _source(c), re.M)]
+    start = next((_source(c) for c in cells if c["cell_type"] == "code" and "course.start(globals())" in _source(c)),
+                 "")
+    budget = {}
+    for node in ast.walk(ast.parse(start)):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "CLASS_BUDGET":
+            budget = _assignments(node.body)
+    return {"parameters": _assignments(ast.parse(_source(params)).body), "exercises": exercises,
+            "class_budget": budget}
+
+
+# ---- text that cannot break a file ------------------------------------------------------------------------------
+
+_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def text(value, width=WIDTH):
+    """value as one line of at most width characters: control and invisible characters become spaces; None: '-'."""
+    if value is None:
+        return "-"
+    if not isinstance(value, str):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = str(value) if number else json.dumps(value, default=str)
+    value = value[:20 * width]
+    value = "".join(" " if unicodedata.category(c) in _INVISIBLE else c for c in value)
+    value = " ".join(value.split())
+    return value if len(value) <= width else value[:width - 1] + "…"
+
+
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet shows as text: a cell starting with = + - @ (a formula) gets a leading '."""
+    value = str(value)
+    if value and value[0] in "=+-@\t\r" and value != "-" and not re.fullmatch(r"-?\d+(\.\d+)?", value):
+        return "'" + value
+    return value
+
+
+def _kind(value):
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _number(value):
+    """value if it is a real, finite number (not a bool), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def _whole(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _mb(n):
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1e3:.0f} kB"
+
+
+def _plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---- reading one file, within limits ----------------------------------------------------------------------------
+
+_STRING = re.compile(rb'(?s)"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)')  # always matches from a quote: linear time
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def too_deep(data, limit=LIMITS["depth"]):
+    """True if the JSON text data nests arrays and objects deeper than limit (strings skipped), in C-speed steps."""
+    import numpy as np
+
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for start in range(0, len(brackets), 1 << 20):
+        chunk = np.frombuffer(brackets, np.uint8, count=min(1 << 20, len(brackets) - start), offset=start)
+        steps = np.where((chunk == ord("[")) | (chunk == ord("{")), 1, -1).astype(np.int64)
+        running = depth + np.cumsum(steps)
+        if running.max() > limit:
+            return True
+        depth = int(running[-1])
+    return False
+
+
+def parse_json(data, what):
+    """The JSON value of data (bytes), or Unreadable saying why: not UTF-8, nested too deep, not JSON."""
+    try:
+        value = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise Unreadable(f"{what} is not UTF-8 text") from None
+    if too_deep(data):
+        raise Unreadable(f"{what} is nested deeper than {LIMITS['depth']} levels")
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise Unreadable(f"{what} is nested too deep") from None
+    except ValueError as err:
+        raise Unreadable(f"{what} is not valid JSON ({text(str(err), 80)})") from None
+
+
+def read_member(z, info, limit, what):
+    """A zip member's JSON, inflated by streaming and refused past limit bytes (whatever its header claims)."""
+    if info.flag_bits & 0x1:
+        raise Unreadable(f"{what} is password-protected (encrypted)")
+    if info.file_size > limit:
+        raise Unreadable(f"{what} is too large ({_mb(info.file_size)} inflated; the limit is {_mb(limit)})")
+    try:
+        with z.open(info) as f:
+            data = f.read(limit + 1)
+    except NotImplementedError:
+        raise Unreadable(f"{what} is compressed with method {info.compress_type}, which Python cannot read") from None
+    except RuntimeError as err:  # zipfile: "... is encrypted, password required for extraction"
+        raise Unreadable(f"{what} cannot be read ({text(str(err), 80)})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise Unreadable(f"{what} is damaged ({text(str(err) or type(err).__name__, 80)})") from None
+    if len(data) > limit:
+        raise Unreadable(f"{what} is too large (more than {_mb(limit)} inflated)")
+    return parse_json(data, what)
+
+
+def _file_kind(mode):
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path):
+    """path opened for reading if it is a regular file of at most LIMITS['zip'] bytes (a FIFO is never waited on)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise Unreadable(f"skipped: cannot be read ({text(err.strerror or str(err), 80)})") from None
+    if not stat.S_ISREG(mode):
+        raise Unreadable(f"skipped: not a regular file ({_file_kind(mode)})")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise Unreadable(f"skipped: cannot be read ({text(err.strerror or str(err), 80)})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > LIMITS["zip"]:
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(info.st_mode) else \
+            f"too large ({_mb(info.st_size)}; the limit is {_mb(LIMITS['zip'])})"
+        raise Unreadable(f"skipped: {why}")
+    return os.fdopen(fd, "rb")
+
+
+def _check_directory(f):
+    """Refuse a zip whose directory lists more than LIMITS['members'] members before zipfile reads it all."""
+    end, at_count, at_size = (getattr(zipfile, n, None) for n in ("_EndRecData", "_ECD_ENTRIES_TOTAL", "_ECD_SIZE"))
+    record = end(f) if end and at_count is not None and at_size is not None else None  # private: checked if there
+    if not record:
+        return
+    count, size = record[at_count], record[at_size]
+    if count > LIMITS["members"]:
+        raise Unreadable(f"unreadable hand-in: too many members ({count}; the limit is {LIMITS['members']})")
+    if size > LIMITS["directory"]:
+        raise Unreadable(f"unreadable hand-in: its directory is too large ({_mb(size)})")
+
+
+def read_handin(path):
+    """(manifest, [(member, record or None, why unreadable)], problems) of one hand-in zip; Unreadable if the zip
+    or its manifest cannot be read."""
+    with open_regular(path) as f:
+        try:
+            _check_directory(f)
+            z = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+            raise Unreadable("not a hand-in zip (not a zip file)") from None
+        with z:
+            infos = z.infolist()
+            if len(infos) > LIMITS["members"]:
+                raise Unreadable(f"unreadable hand-in: too many members ({len(infos)}; the limit is "
+                                 f"{LIMITS['members']})")
+            manifests = [i for i in infos if i.filename == "manifest.json"]
+            if not manifests:
+                raise Unreadable("not a hand-in zip (no manifest.json)")
+            problems = ["the zip holds manifest.json twice"] if len(manifests) > 1 else []
+            try:
+                manifest = read_member(z, manifests[-1], LIMITS["manifest"], "manifest.json")
+            except Unreadable as err:
+                raise Unreadable(f"unreadable hand-in: {err}") from None
+            if not isinstance(manifest, dict):
+                raise Unreadable(f"unreadable hand-in: the manifest is {_kind(manifest)}, not a JSON object")
+            records = []
+            for info in infos:
+                if info.filename.startswith("results/") and info.filename.endswith(".json") and not info.is_dir():
+                    try:
+                        records.append((info.filename, read_member(z, info, LIMITS["record"], info.filename), None))
+                    except Unreadable as err:
+                        records.append((info.filename, None, str(err)))
+    return manifest, records, problems
+
+
+_FIELDS = {"notebook": str, "student": str, "quick": bool, "parameters": dict, "answers": dict, "unanswered": list,
+           "missing_answers": list, "self_checks": dict, "runs": list, "missing_runs": list}
+
+
+def clean_manifest(manifest):
+    """The manifest with every field of the expected type (a wrong one becomes empty) and the problems found."""
+    out, problems = dict(manifest), []
+    for key, kind in _FIELDS.items():
+        if key not in manifest:
+            out[key] = kind()
+            continue
+        value = manifest[key]
+        if not isinstance(value, kind):
+            problems.append(f"manifest field '{key}' is {_kind(value)}, not {_kind(kind())}")
+            out[key] = kind()
+        elif kind is list and not all(isinstance(v, str) for v in value):
+            problems.append(f"manifest field '{key}' holds {_kind(next(v for v in value if not isinstance(v, str)))}"
+                            f", not only text")
+            out[key] = [v for v in value if isinstance(v, str)]
+    return out, problems
+
+
+# ---- finding the files -----------------------------------------------------------------------------------------
+
+
+def find_handins(root, max_depth=8):
+    """([(path, relative path, why skipped or None)], macOS metadata files skipped): every *.zip under root, and
+    everything that looks like a hand-in but is skipped (a broken symlink, a symlink loop, a folder too deep)."""
+    found, seen, macos = [], set(), [0]
+
+    def walk(folder, rel, depth):
+        real = os.path.realpath(folder)
+        if real in seen:
+            found.append((folder, rel, "skipped: a symlink loop (this folder is read already)"))
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            found.append((folder, rel, f"skipped: the folder cannot be listed ({text(err.strerror or '', 60)})"))
+            return
+        for entry in entries:
+            path, name = Path(entry.path), rel / entry.name
+            if entry.name == "__MACOSX" or entry.name.startswith("._"):
+                macos[0] += 1
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows a symlink: a symlinked student folder is read
+            except OSError:
+                is_dir = False
+            if entry.is_symlink() and not os.path.exists(path):
+                found.append((path, name, "skipped: a broken symlink"))
+            elif is_dir:
+                if depth >= max_depth:
+                    found.append((path, name, f"skipped: a folder more than {max_depth} levels deep"))
+                else:
+                    walk(path, name, depth + 1)
+            elif entry.name.lower().endswith(".zip"):
+                found.append((path, name, None))
+
+    walk(Path(root), PurePosixPath(), 0)
+    return found, macos[0]
+
+
+# ---- the assignment ---------------------------------------------------------------------------------------------
+
+
+class Notebooks:
+    """The course's notebooks (by number) and their specs, read once."""
+
+    def __init__(self, folder=None):
+        self.folder = Path(folder or ROOT / "notebooks")
+        self.stems = {p.stem[:2]: p.stem for p in sorted(self.folder.glob("[0-9][0-9]_*.ipynb"))}
+        self._specs = {}
+
+    def spec(self, number):
+        if number not in self._specs:
+            self._specs[number] = notebook_spec(self.stems[number], self.folder)
+        return self._specs[number]
+
+    def number(self, name):
+        """'03' for '03' or '03_resnet18_onecycle', None for anything else."""
+        if not isinstance(name, str):
+            return None
+        number = name[:2]
+        return number if number in self.stems and name in (number, self.stems[number]) else None
+
+    def expected(self, number, assignment):
+        """The parameters the assignment asks for: defaults, the assignment's values, then what the notebook's
+        `elif CLASS_BUDGET:` branch sets when CLASS_BUDGET is true (as the notebook itself does)."""
+        spec = self.spec(number)
+        expected = {**spec["parameters"], **assignment.get(number, {})}
+        if expected.get("CLASS_BUDGET") is True and not expected.get("QUICK"):
+            expected.update(spec["class_budget"])
+        return expected
+
+
+def check_assignment(assignment, notebooks):
+    """({notebook number: {PARAMETER: value}}, notes) of an assignment; AssignmentError naming the bad key."""
+    if not isinstance(assignment, dict):
+        raise AssignmentError(f"the assignment must be a JSON object such as {{\"03\": {{\"CLASS_BUDGET\": true}}}}, "
+                              f"got {_kind(assignment)}")
+    out, notes = {}, []
+    for key, values in assignment.items():
+        number = notebooks.number(key)
+        if number is None:
+            raise AssignmentError(f"unknown notebook {text(key)!r}: the notebooks are "
+                                  f"{', '.join(sorted(notebooks.stems))} (or their names, e.g. "
+                                  f"{notebooks.stems.get('03', '03_...')!r})")
+        if number in out:
+            raise AssignmentError(f"notebook {number} is named twice ({text(key)!r})")
+        if not isinstance(values, dict):
+            raise AssignmentError(f"{text(key)!r} must be an object of PARAMETER: value, got {_kind(values)}")
+        spec = notebooks.spec(number)
+        for name, value in values.items():
+            if name not in spec["parameters"]:
+                close = difflib.get_close_matches(name, spec["parameters"], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else \
+                    f"; its parameters: {', '.join(spec['parameters'])}"
+                raise AssignmentError(f"{text(key)!r}: unknown parameter {text(name)!r} for "
+                                      f"{notebooks.stems[number]}{hint}")
+            try:
+                why = problem(name, value) if name in RULES else None
+            except Exception:  # noqa: BLE001 -- a value no rule can even read
+                why = f"{name} cannot be {text(value, 40)}"
+            if why:
+                raise AssignmentError(f"{text(key)!r}: {why}")
+        out[number] = dict(values)
+        expected = notebooks.expected(number, out)
+        for name in values:
+            if expected[name] != jsonable(values[name]):
+                notes.append(f"{number}: {name} {values[name]!r} has no effect: CLASS_BUDGET sets it to "
+                             f"{expected[name]!r} in the notebook")
+    return out, notes
+
+
+def read_assignment(path):
+    """The assignment file's JSON; AssignmentError saying what is wrong with it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise AssignmentError(f"cannot read it ({err.strerror or err})") from None
+    if len(data) > LIMITS["manifest"]:
+        raise AssignmentError("it is too large to be an assignment")
+    try:
+        return parse_json(data, "it")
+    except Unreadable as err:
+        raise AssignmentError(str(err)) from None
+
+
+def settings_differences(parameters, expected):
+    """'NAME value (assignment value)' for every result-changing parameter that differs from the assignment."""
+    return [f"{k} {parameters.get(k)!r} (assignment {v!r})" for k, v in expected.items()
+            if k not in IGNORED and k in parameters and parameters[k] != jsonable(v)]
+
+
+# ---- a run's row ------------------------------------------------------------------------------------------------
+
+
+def _lr(config):
+    """The LR a run was built with: OneCycle's max LR, else the optimizer's first group's (initial) LR."""
+    optimizer = config.get("optimizer") if isinstance(config.get("optimizer"), dict) else {}
+    scheduler = config.get("scheduler") if isinstance(config.get("scheduler"), dict) else {}
+    groups = optimizer.get("groups")
+    group = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+    for value in (group.get("max_lr"), scheduler.get("max_lr"), group.get("initial_lr"), group.get("lr"),
+                  optimizer.get("lr")):
+        if _number(value) is not None:
+            return value
+    return None
 
 
 def _settings(config):
-    """Model, batch, LR and scheduler of a run, from its record's settings."""
+    """Model, epochs, batch, LR and scheduler a run was built with, from its record's config."""
     model = config.get("model")
-    model = f"{model.get('name')} {model.get('norm')}" if isinstance(model, dict) else str(model or "-")
-    scheduler = config.get("scheduler") or {}
-    scheduler = scheduler if isinstance(scheduler, dict) else {"name": scheduler}
-    lr = scheduler.get("max_lr", (config.get("optimizer") or {}).get("lr"))
-    return model, config.get("batch_size", "-"), "-" if lr is None else f"{lr:.3g}", scheduler.get("name") or "-"
+    model = text(f"{model.get('name', model.get('class'))} {model.get('norm', '')}".strip(), 30) \
+        if isinstance(model, dict) else text(model or "-", 30)
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    batch = data.get("batch_size", config.get("batch_size"))
+    scheduler = config.get("scheduler")
+    scheduler = scheduler.get("name") if isinstance(scheduler, dict) else scheduler
+    return {"model": model, "epochs": config.get("epochs"), "batch": batch, "lr": _lr(config),
+            "scheduler": text(scheduler or "-", 30), "data": data}
 
 
-def settings_differences(manifest, assignment, notebooks):
-    """'NAME value (assignment value)' for every result-changing parameter that differs from the assignment."""
+def _accuracy(record, key, flags):
+    value = record.get(key)
+    if value is None:
+        return "-"
+    if _number(value) is None or not 0 <= value <= 100:
+        flags.append(f"impossible accuracy ({key.replace('_', ' ')} {text(value, 20)})")
+        return "-"
+    return f"{value:.2f}"
+
+
+def _matches(value, choices, rel=1e-6):
+    return any(_number(c) is not None and _number(value) is not None and math.isclose(value, c, rel_tol=rel)
+               for c in choices)
+
+
+def run_checks(record, manifest, number):
+    """Flags of one results record: its checksum, status, QUICK, and what can be re-derived from its own config
+    and history compared with its summary and with the manifest's parameters."""
+    flags = []
+    checksum = record.get("checksum")
+    if not isinstance(checksum, str):
+        flags.append("record has no checksum")
+    elif record_checksum(record) != checksum:
+        flags.append("record edited by hand")
+    if record.get("status") != "complete":
+        flags.append(f"run not complete ({text(record.get('status'), 20)})")
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    settings, params = _settings(config), manifest["parameters"]
+    claims = {k: v for k, v in (("manifest", manifest.get("quick")), ("record", record.get("quick")),
+                                ("config", config.get("quick"))) if isinstance(v, bool)}
+    quick = any(claims.values())
+    if quick:
+        flags.append("QUICK run")
+    if len(set(claims.values())) > 1:
+        flags.append("manifest and record disagree: quick (" + ", ".join(f"{k} {str(v).lower()}"
+                                                                          for k, v in claims.items()) + ")")
+    if number in TRAINS:
+        train, val = settings["data"].get("train_images"), settings["data"].get("val_images")
+        subset = _whole(params.get("SUBSET"))
+        if _number(train) is not None:
+            total = train + (_number(val) or 0)  # train + validation: SUBSET's images, or all 50,000
+            if total < 0.9 * FULL and not quick and subset is None:
+                flags.append(f"QUICK-sized data ({train} training images) not marked QUICK")
+            if quick and total >= 0.9 * FULL:
+                flags.append(f"manifest and record disagree: marked QUICK but trained on {train} images")
+            if subset is not None and total < 0.9 * subset:
+                flags.append(f"manifest and record disagree: SUBSET {subset} but {train} + {val} images")
+        for what, names, value in (("epochs", ("EPOCHS", "FINAL_EPOCHS", "RESNET50_EPOCHS"), settings["epochs"]),
+                                   ("batch", ("BATCH_SIZE", "RESNET50_BATCH_SIZE"), settings["batch"]),
+                                   ("LR", ("LR", "FINAL_LR", "RESNET50_LR"), settings["lr"])):
+            choices = [params[n] for n in names if _number(params.get(n)) is not None]
+            if value is not None and choices and _number(params.get(names[0])) is not None \
+                    and not _matches(value, choices):
+                flags.append(f"manifest and record disagree: {what} {text(value, 20)} in the record, "
+                             f"{names[0]} {text(params[names[0]], 20)} in the manifest")
+    history = record.get("history") if isinstance(record.get("history"), dict) else {}
+    test = history.get("test_acc") if isinstance(history.get("test_acc"), list) else []
+    final = _number(record.get("final_test_acc"))
+    if final is not None and test and not (_number(test[-1]) is not None and math.isclose(test[-1], final,
+                                                                                          abs_tol=1e-9)):
+        flags.append(f"final test acc differs from its history ({final:g}; last epoch {text(test[-1], 20)})")
+    elif final is not None and not test:
+        flags.append("no per-epoch history to check the final test acc against")
+    times = history.get("epoch_time") if isinstance(history.get("epoch_time"), list) else []
+    spent = sum(t for t in times if _number(t) is not None)
+    wall = _number(record.get("wall_time_s"))
+    if wall is not None and wall < spent - max(1.0, 0.01 * spent):
+        flags.append(f"wall time shorter than its epochs ({wall / 60:.1f} min; the epochs took {spent / 60:.1f})")
+    epochs = history.get("epoch") if isinstance(history.get("epoch"), list) else None
+    if epochs is not None and _whole(record.get("epochs_run")) is not None and record["epochs_run"] != len(epochs):
+        flags.append(f"epochs run disagree with its history ({record['epochs_run']} vs {len(epochs)})")
+    return flags, settings
+
+
+def fingerprints(record):
+    """What makes two records one run: its run id, and its history (test accuracies and epoch times)."""
+    keys = []
+    if isinstance(record.get("run_id"), str) and record["run_id"].strip():
+        keys.append(("run id", record["run_id"]))
+    history = record.get("history") if isinstance(record.get("history"), dict) else {}
+    test, times = history.get("test_acc"), history.get("epoch_time")
+    if isinstance(test, list) and isinstance(times, list) and test and times:
+        keys.append(("history", json.dumps([test, times], default=str)))
+    return keys
+
+
+# ---- self-checks ------------------------------------------------------------------------------------------------
+
+_UNSET = object()
+
+
+def _hash_right(exercise, answer):
     try:
-        expected = notebook_spec(manifest["notebook"], notebooks)["parameters"]
-    except (OSError, KeyError, StopIteration, ValueError):
-        return [f"unknown notebook {manifest.get('notebook')!r}"]
-    expected = {**expected, **assignment.get(manifest["notebook"][:2], {})}
-    got = manifest.get("parameters", {})
-    return [f"{k} {got.get(k)!r} (assignment {v!r})" for k, v in expected.items()
-            if k not in IGNORED and k in got and got[k] != jsonable(v)]
+        return answer_hash(exercise, answer) == ANSWER_CHECKS[exercise]
+    except (TypeError, ValueError, RecursionError):
+        return False
 
 
-def read_zip(path, assignment, notebooks, root):
-    """The table rows of one hand-in zip."""
-    student = path.parent.name if path.parent != root else path.stem
+def self_checks(manifest):
+    """('03.1 right (2 tries), ...', flags): each self-check for the answer handed in; fixed answers checked again."""
+    answers, checks = manifest["answers"], manifest["self_checks"]
+    fixed = {ex for ex, c in ANSWER_CHECKS.items() if isinstance(c, str)}
+    parts, flags = [], []
+    for ex in sorted(set(checks) | {e for e in answers if e in fixed and not blank(answers[e])}):
+        check, notes = checks.get(ex), []
+        claimed, checked = None, _UNSET
+        if isinstance(check, bool):  # an older manifest: right or not, for the answer handed in
+            claimed = check
+        elif isinstance(check, dict):
+            claimed = check.get("right") if isinstance(check.get("right"), bool) else None
+            tries = _whole(check.get("tries"))
+            if tries is not None:
+                notes.append(f"{tries} {'try' if tries == 1 else 'tries'}")
+            if "answer" in check:
+                checked = check["answer"]
+        elif check is not None:
+            flags.append(f"self-check {text(ex, 10)} is unreadable ({_kind(check)})")
+        given = answers.get(ex)
+        changed = checked is not _UNSET and checked != given
+        if ex in fixed and claimed is True:
+            claim_for = given if checked is _UNSET else checked
+            if blank(claim_for) or not _hash_right(ex, claim_for):
+                flags.append(f"self-check claim does not match the answer ({text(ex, 10)})")
+                notes.append("claimed right")
+        now = _hash_right(ex, given) if ex in fixed and not blank(given) else None
+        if changed:
+            state = "changed after the check"
+            if now is not None:
+                notes.append(f"now {'right' if now else 'wrong'}")
+        elif now is not None:
+            state = "right" if now else "wrong"
+            if check is None:
+                notes.append("not self-checked")
+        else:
+            state = {True: "right", False: "wrong", None: "?"}[claimed]
+        parts.append(f"{text(ex, 10)} {state}" + (f" ({', '.join(notes)})" if notes else ""))
+    return ", ".join(parts) or "-", flags
+
+
+# ---- the table --------------------------------------------------------------------------------------------------
+
+
+def _norm(name):
+    return "".join(c for c in unicodedata.normalize("NFKC", name).casefold() if c.isalnum())
+
+
+def _blank_row(**values):
+    return {**dict.fromkeys(COLUMNS, "-"), **values}
+
+
+def _identity(rel):
+    """Who a file belongs to: its folder (a folder per student), or the file itself (all zips in one folder)."""
+    return ("folder", rel.parent.as_posix()) if len(rel.parts) > 1 else ("file", rel.as_posix())
+
+
+def _skipped_row(rel, flags):
+    return {**_blank_row(student=text(rel.parent.name if len(rel.parts) > 1 else rel.stem), flags=flags),
+            "file": text(rel.as_posix(), 120), "_rel": rel.as_posix(), "_identity": _identity(rel), "_number": None}
+
+
+def handin_rows(path, rel, assignment, notebooks):
+    """The rows of one hand-in zip, with what the class-wide checks need (identity, notebook number, run keys)."""
+    folder = rel.parent.name if len(rel.parts) > 1 else None
+    base = {"file": text(rel.as_posix(), 120), "_rel": rel.as_posix(), "_number": None, "_identity": _identity(rel)}
+    fallback = text(folder or rel.stem)
     try:
-        with zipfile.ZipFile(path) as z:
-            manifest = json.loads(z.read("manifest.json"))
-            records = {n: z.read(n) for n in z.namelist() if n.startswith("results/") and n.endswith(".json")}
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
-        return [{**dict.fromkeys(COLUMNS, "-"), "student": student, "notebook": path.name,
-                 "flags": f"not a hand-in zip ({type(err).__name__})"}]
-    student = manifest.get("student") or student
-    given = [k for k in manifest.get("answers", {}) if " " not in k]
-    try:
-        missing = [ex for ex in notebook_spec(manifest["notebook"], notebooks)["exercises"] if ex not in given]
-    except (OSError, KeyError, StopIteration, ValueError):
-        missing = manifest.get("unanswered", [])
-    checks = {k: v.get("right") if isinstance(v, dict) else v for k, v in manifest.get("self_checks", {}).items()}
-    common = {"student": student, "notebook": manifest.get("notebook", path.stem),
-              "answers": f"{len(given)}/{len(given) + len(missing)}" + (f" (missing {', '.join(missing)})"
-                                                                         if missing else ""),
-              "self-checks": ", ".join(f"{k} {'right' if ok else 'wrong'}" for k, ok in sorted(checks.items())) or "-"}
-    differences = settings_differences(manifest, assignment, notebooks)
-    flags = (["QUICK run"] if manifest.get("quick") else []) + (
-        [f"settings differ: {', '.join(differences)}"] if differences else [])
+        manifest, records, problems = read_handin(path)
+    except Unreadable as err:
+        return [_skipped_row(rel, str(err))]
+    manifest, more = clean_manifest(manifest)
+    problems += more
+    student = manifest["student"].strip()
+    if not folder and student:
+        base["_identity"] = ("name", _norm(student) or student)
+    if manifest["quick"]:
+        problems.append("QUICK run")
+    if not student:
+        problems.append("no student name in the manifest")
+    elif folder and not (_norm(folder) and _norm(student) and (_norm(folder) in _norm(student)
+                                                               or _norm(student) in _norm(folder))):
+        problems.append(f"folder and manifest disagree: folder {text(folder, 30)!r}, student {text(student, 30)!r}")
+    if not manifest["notebook"]:
+        problems.append("the manifest names no notebook")
+    number = notebooks.number(manifest["notebook"] or rel.stem)
+    base["_number"] = number
+    if number is None:
+        problems.append(f"unknown notebook {text(manifest['notebook'], 40)!r}")
+        exercises = None
+    else:
+        exercises = notebooks.spec(number)["exercises"]
+        differences = settings_differences(manifest["parameters"], notebooks.expected(number, assignment))
+        if differences:
+            problems.append(f"settings differ: {', '.join(differences)}")
+    given = [k for k in manifest["answers"] if " " not in k]
+    missing = [ex for ex in exercises if ex not in given] if exercises is not None else \
+        (manifest["unanswered"] or manifest["missing_answers"])
+    checks, check_flags = self_checks(manifest)
+    common = {**base, "student": text(student or fallback), "notebook": text(manifest["notebook"] or "-", 40),
+              "answers": f"{len(given)}/{len(given) + len(missing)}" + (
+                  f" (missing {text(', '.join(missing), 80)})" if missing else ""), "self-checks": checks}
+    problems += check_flags
     rows = []
-    for name, raw in sorted(records.items()):
-        try:
-            record = json.loads(raw)
-            run_flags = list(flags)
-            if "checksum" not in record:
-                run_flags.append("record has no checksum")
-            elif record_checksum(record) != record["checksum"]:
-                run_flags.append("record edited by hand")
-            if record.get("status") != "complete":
-                run_flags.append(f"run not complete ({record.get('status')})")
-            if record.get("quick") and not manifest.get("quick"):
-                run_flags.append("QUICK run")
-            config = record.get("config") or {}
-            model, batch, lr, scheduler = _settings(config)
-            fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-            wall = record.get("wall_time_s")
-            rows.append({**common, "run": record.get("experiment", Path(name).stem), "model": model,
-                         "epochs": f"{record.get('epochs_run', '-')}/{config.get('epochs', '-')}", "batch": batch,
-                         "lr": lr, "scheduler": scheduler, "final test acc %": fmt(record.get("final_test_acc")),
-                         "test acc at best val %": fmt(record.get("test_acc_at_best_val")),
-                         "device": record.get("device", "-"),
-                         "wall time min": "-" if wall is None else f"{wall / 60:.1f}",
-                         "flags": "; ".join(run_flags) or "-"})
-        except (ValueError, TypeError, AttributeError) as err:
-            rows.append({**dict.fromkeys(COLUMNS, "-"), **common, "run": name,
-                         "flags": f"unreadable results file ({type(err).__name__})"})
-    if not rows:  # 01 and 02 train nothing
-        rows.append({**dict.fromkeys(COLUMNS, "-"), **common, "flags": "; ".join(flags) or "-"})
+    for member, record, why in sorted(records, key=lambda r: r[0]):
+        name = text(PurePosixPath(member).stem, 40)
+        if why is not None or not isinstance(record, dict):
+            why = why or f"{member} is {_kind(record)}, not a JSON object"
+            rows.append({**_blank_row(), **common, "run": name, "_flags": [*problems, f"unreadable results file: "
+                                                                                      f"{text(why, 120)}"]})
+            continue
+        flags, settings = run_checks(record, manifest, number)
+        run_flags = [*problems, *flags]
+        wall = _number(record.get("wall_time_s"))
+        lr = settings["lr"]
+        rows.append({**common, "run": text(record.get("experiment") or PurePosixPath(member).stem, 40),
+                     "run id": text(record.get("run_id") or "-", 16), "model": settings["model"],
+                     "epochs": f"{text(record.get('epochs_run', '-'), 10)}/{text(settings['epochs'] or '-', 10)}",
+                     "batch": text(settings["batch"] if settings["batch"] is not None else "-", 10),
+                     "lr": "-" if lr is None else f"{lr:.3g}", "scheduler": settings["scheduler"],
+                     "final test acc %": _accuracy(record, "final_test_acc", run_flags),
+                     "test acc at best val %": _accuracy(record, "test_acc_at_best_val", run_flags),
+                     "device": text(record.get("device") or "-"),
+                     "wall time min": "-" if wall is None else f"{wall / 60:.1f}",
+                     "_flags": run_flags, "_keys": fingerprints(record)})
+    present = {PurePosixPath(m).stem for m, _, _ in records}
+    for run in dict.fromkeys(r for r in manifest["runs"] if r not in present):
+        rows.append({**_blank_row(), **common, "run": text(run, 40),
+                     "_flags": [*problems, "results file missing (the manifest lists this run)"]})
+    for run in dict.fromkeys(r for r in manifest["missing_runs"] if r not in present):
+        rows.append({**_blank_row(), **common, "run": text(run, 40),
+                     "_flags": [*problems, "run missing (no results file when the zip was made)"]})
+    if not rows:
+        rows.append({**_blank_row(), **common, "_flags": [*problems, *(["no training run handed in"]
+                                                                      if number in TRAINS else [])]})
     return rows
 
 
-def figure(rows):
-    """Final test accuracy per student (rows) and run (columns); flagged cells marked."""
+def _cross_checks(rows):
+    """Flags only the whole class shows: two hand-ins of one notebook by one student; one run under two students."""
+    for r in rows:
+        if "_flags" not in r:
+            r["_flags"] = [] if r["flags"] == "-" else [r["flags"]]
+    handins = {}
+    for r in rows:
+        if r.get("_number"):
+            handins.setdefault((r["_identity"], r["_number"]), {})[r["_rel"]] = True
+    owners = {}
+    for r in rows:
+        for key in r.get("_keys", []):
+            owners.setdefault(key, {})[r["_identity"]] = r
+    for r in rows:
+        files = list(handins.get((r["_identity"], r.get("_number")), {}))
+        if len(files) > 1:
+            others = ", ".join(text(f, 40) for f in files if f != r["_rel"])
+            r["_flags"].append(f"{NUMBERS.get(len(files), len(files))} hand-ins of {r['_number']} (also {others})")
+        r["_dup"] = files.index(r["_rel"]) if len(files) > 1 else 0
+        others = {}
+        for key in r.get("_keys", []):
+            others.update({i: o for i, o in owners[key].items() if i != r["_identity"]})
+        if others:
+            named = [f"{o['student']} ({text(o['_rel'], 40)})" for o in others.values()]
+            r["_flags"].append("same run as " + ", ".join(named[:3]) + (f" and {len(named) - 3} more"
+                                                                         if len(named) > 3 else ""))
+    for r in rows:
+        r["flags"] = "; ".join(dict.fromkeys(r.pop("_flags"))) or "-"
+
+
+def collect(folder, assignment=None, notebooks=None):
+    """(rows with their private keys, notes): every hand-in under folder read and checked; nothing written."""
+    books = notebooks if isinstance(notebooks, Notebooks) else Notebooks(notebooks)
+    assignment, notes = check_assignment(assignment or {}, books)
+    found, macos = find_handins(folder)
+    rows = []
+    for path, rel, skipped in found:
+        if skipped:
+            rows.append(_skipped_row(rel, skipped))
+            continue
+        try:
+            rows += handin_rows(path, rel, assignment, books)
+        except Exception as err:  # noqa: BLE001 -- a safety net: one file never costs the class its table
+            rows.append(_skipped_row(rel, f"unreadable hand-in: {type(err).__name__}: {text(str(err), 80)}"))
+    _cross_checks(rows)
+    if macos:
+        notes.append(f"skipped {_plural(macos, 'macOS metadata file')} (__MACOSX, ._*)")
+    lines = [f"{n}: " + ", ".join(f"{k} {v!r}" for k, v in books.expected(n, assignment).items()
+                                  if v != books.spec(n)["parameters"].get(k)) for n in sorted(assignment)]
+    return rows, notes, [line for line in lines if not line.endswith(": ")]
+
+
+# ---- the files --------------------------------------------------------------------------------------------------
+
+MARKS = {"QUICK": "Q", "edited by hand": "E", "no checksum": "E", "run not complete": "!", "settings differ": "S",
+         "disagree": "D", "differs from its history": "D", "shorter than its epochs": "D", "same run as": "C",
+         "hand-ins of": "2", "impossible accuracy": "X", "self-check claim": "D"}
+
+
+def _label(value, width=30):
+    return text(value, width).replace("$", r"\$")
+
+
+def figures(rows):
+    """Final test accuracy per hand-in row (a student, a second hand-in of one notebook) and run: at most
+    FIGURE_ROWS x FIGURE_COLUMNS cells a page, flagged cells marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import seaborn as sns
 
-    runs = [r for r in rows if r["final test acc %"] not in ("-", None)]
-    students = sorted({r["student"] for r in runs})
-    label = lambda r: f"{r['notebook'][:2]} {'explains ' if r['notebook'][:2] == '07' else ''}{r['run']}"  # noqa: E731
-    columns = sorted({label(r) for r in runs})
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(columns) + 3), max(2.5, 0.5 * len(students) + 2)),
-                           layout="constrained")
-    if not runs:
+    names = {}
+    for r in rows:
+        names.setdefault(r["student"], set()).add(r["_identity"])
+    keys, columns = {}, {}
+    for r in rows:
+        key = (r["_identity"], r.get("_dup", 0))
+        label = text(r["student"], 24) + (f" #{key[1] + 1}" if key[1] else "")
+        if len(names[r["student"]]) > 1:
+            label += f" ({text(r['_identity'][1], 16)})"
+        keys.setdefault(key, label)
+        if r["run"] != "-":
+            nb = r.get("_number") or "??"
+            columns.setdefault((nb, r["run"]), f"{nb} {'explains ' if nb == '07' else ''}{r['run']}")
+    keys, columns = list(keys.items()), sorted(columns.items())
+    if not columns:
+        fig, ax = plt.subplots(figsize=(6, 2.5))
         ax.text(0.5, 0.5, "no training runs handed in yet", ha="center", va="center")
         ax.axis("off")
-        return fig
-    data = np.full((len(students), len(columns)), np.nan)
-    notes = np.full(data.shape, "", dtype=object)
-    marks = {"QUICK run": "Q", "record edited by hand": "E", "run not complete": "!", "settings differ": "S",
-             "no checksum": "?"}
-    for r in runs:
-        i, j = students.index(r["student"]), columns.index(label(r))
-        data[i, j] = float(r["final test acc %"])
-        letters = "".join(m for key, m in marks.items() if key in r["flags"])
-        notes[i, j] = f"{data[i, j]:.1f}" + (f"\n{letters}" if letters else "")
-    sns.heatmap(data, annot=notes, fmt="", cmap="viridis", xticklabels=columns, yticklabels=students, ax=ax,
-                cbar_kws={"label": "final test accuracy %"})
-    ax.set(xlabel="notebook and run", ylabel="student",
-           title="Class results (Q: QUICK run, E: record edited, !: not complete, S: settings differ)")
-    ax.tick_params(axis="x", rotation=30)
-    return fig
+        return [fig]
+    cells = {}
+    for r in rows:
+        if r["run"] == "-":
+            continue
+        acc = float(r["final test acc %"]) if r["final test acc %"] != "-" else np.nan
+        letters = "".join(dict.fromkeys(m for k, m in MARKS.items() if k in r["flags"]))
+        cells[(r["_identity"], r.get("_dup", 0)), (r.get("_number") or "??", r["run"])] = (
+            acc, ("-" if np.isnan(acc) else f"{acc:.1f}") + (f"\n{letters}" if letters else ""))
+    empty = {key for key, _ in keys} - {key for key, _ in cells}
+    flagged = {(r["_identity"], r.get("_dup", 0)) for r in rows if r["flags"] != "-"}
+    keys = [(key, label + (" (see table)" if key in empty & flagged else "")) for key, label in keys]
+    pages = [(keys[i:i + FIGURE_ROWS], columns[j:j + FIGURE_COLUMNS]) for i in range(0, len(keys), FIGURE_ROWS)
+             for j in range(0, len(columns), FIGURE_COLUMNS)][:FIGURE_PAGES]
+    out = []
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+    for n, (page_keys, page_columns) in enumerate(pages, 1):
+        data = np.full((len(page_keys), len(page_columns)), np.nan)
+        fig, ax = plt.subplots(figsize=(min(3 + 0.9 * len(page_columns), 30), min(1.8 + 0.35 * len(page_keys), 18)),
+                               layout="constrained")
+        for i, (key, _) in enumerate(page_keys):
+            for j, (column, _) in enumerate(page_columns):
+                if (key, column) in cells:
+                    data[i, j], note = cells[key, column]
+                    ax.text(j, i, note, ha="center", va="center", fontsize=6,
+                            color="black" if np.isnan(data[i, j]) or data[i, j] > 60 else "white")
+        image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=100, aspect="auto",
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="final test accuracy %")
+        ax.set_xticks(range(len(page_columns)), [_label(c) for _, c in page_columns], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set_yticks(range(len(page_keys)), [_label(k, 48) for _, k in page_keys], fontsize=7)
+        ax.set(xlabel="notebook and run", ylabel="student (hand-in)")
+        ax.set_title(f"Class results{f', page {n}/{len(pages)}' if len(pages) > 1 else ''} (Q: QUICK, E: edited, "
+                     f"!: not complete, S: settings differ, D: disagrees, C: same run as another student, "
+                     f"2: two hand-ins, X: impossible)", fontsize=8, wrap=True)
+        out.append(fig)
+    return out
+
+
+def figure(rows):
+    """The figure's first page (all of it for a class of up to FIGURE_ROWS hand-in rows)."""
+    return figures(rows)[0]
+
+
+def write_files(rows, out, notes=(), assignment_lines=()):
+    """class_results.csv (spreadsheet-safe), class_results.md and the figure's pages."""
+    with open(out / "class_results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: spreadsheet_safe(r[c]) for c in COLUMNS} for r in rows)
+    cell = lambda v: str(v).replace("|", "/").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    flagged = sum(r["flags"] != "-" for r in rows)
+    students = len({r["_identity"] for r in rows})
+    head = [f"{students} students, {len(rows)} rows, {flagged} flagged."]
+    if assignment_lines:
+        head.append("The assignment (what differs from the notebooks' defaults): " + "; ".join(assignment_lines) + ".")
+    head += [cell(n) + "." for n in notes]
+    for old in out.glob("class_results_*.png"):
+        if re.fullmatch(r"class_results_\d+\.png", old.name):
+            old.unlink()
+    try:
+        pages = figures(rows)
+        for n, fig in enumerate(pages, 1):
+            fig.savefig(out / ("class_results.png" if n == 1 else f"class_results_{n}.png"), dpi=100)
+            fig.clf()
+        if len(pages) > 1:
+            head.append(f"The figure has {len(pages)} pages: class_results.png, class_results_2.png, ...")
+    except Exception as err:  # noqa: BLE001 -- the table is written even if the figure cannot be
+        head.append(f"The figure could not be drawn ({type(err).__name__}: {text(str(err), 80)}).")
+    (out / "class_results.md").write_text("# Class results\n\n" + "\n".join(head) + "\n\n" + "\n".join(lines) + "\n",
+                                          encoding="utf-8")
 
 
 def class_results(folder, assignment=None, out=None, notebooks=None):
-    """Build the table, CSV and figure from every hand-in zip under folder; returns the rows."""
+    """Build the table, CSV and figure from every hand-in zip under folder; returns the rows (COLUMNS only).
+    AssignmentError if the assignment names an unknown notebook or parameter, before anything is read."""
     folder = Path(folder)
     out = Path(out or folder)
+    rows, notes, lines = collect(folder, assignment, notebooks)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for path in sorted(folder.rglob("*.zip")) for row in read_zip(path, assignment or {}, notebooks,
-                                                                             folder)]
-    with open(out / "class_results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]).replace("|", "/") for c in COLUMNS) + " |" for r in rows]
-    flagged = sum(r["flags"] != "-" for r in rows)
-    (out / "class_results.md").write_text(f"# Class results\n\n{len({r['student'] for r in rows})} students, "
-                                          f"{len(rows)} rows, {flagged} flagged.\n\n" + "\n".join(lines) + "\n")
-    figure(rows).savefig(out / "class_results.png", dpi=120, bbox_inches="tight")
-    return rows
+    write_files(rows, out, notes, lines)
+    return [{c: r[c] for c in COLUMNS} for r in rows]
 
 
 def main(argv=None):
@@ -186,13 +923,25 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="where to write class_results.* (default: the folder)")
     a = ap.parse_args(argv)
     if not a.folder.is_dir():
-        raise SystemExit(f"no such folder: {a.folder}")
-    assignment = json.loads(a.assignment.read_text()) if a.assignment else {}
-    rows = class_results(a.folder, assignment, a.out)
+        ap.error(f"no such folder: {a.folder}")
+    try:
+        assignment = read_assignment(a.assignment) if a.assignment else {}
+        books = Notebooks()
+        check_assignment(assignment, books)
+    except AssignmentError as err:
+        print(f"class_results: {a.assignment}: {err}. Nothing was read.", file=sys.stderr)
+        return 2
+    rows, notes, lines = collect(a.folder, assignment, books)
     out = a.out or a.folder
-    print(f"{len(rows)} rows from {len({r['student'] for r in rows})} students: {out / 'class_results.md'}, "
-          f"class_results.csv, class_results.png")
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(rows, out, notes, lines)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{len(rows)} rows from {len({r['_identity'] for r in rows})} students, "
+          f"{sum(r['flags'] != '-' for r in rows)} flagged: {out / 'class_results.md'}, class_results.csv, "
+          f"class_results.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -119,7 +119,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the training notebook first"):
         F.load_checkpoint(tmp_path / "missing.pt")
     F.save_checkpoint(tmp_path / "lin.pt", model=torch.nn.Linear(4, 2).state_dict())
-    with pytest.raises(ValueError, match=r"lin\.pt holds a model of another shape, not a \{'class': 'Linear'.*size mismatch"):
+    with pytest.raises(ValueError, match=r"lin\.pt holds a model of another shape, not a \{'class': 'Linear'.*size"):
         F.load_checkpoint(tmp_path / "lin.pt", torch.nn.Linear(3, 2))
 
 
