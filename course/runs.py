@@ -366,8 +366,8 @@ class Run:
             if torch.load(self.paths["best"], map_location="cpu", weights_only=True)["epoch"] == self.best["epoch"]:
                 return
         if self.best["epoch"] != epoch:
-            warnings.warn(f"{self.paths['best']} does not hold the best epoch ({self.best['epoch']}); the best is "
-                          f"chosen again from epoch {epoch} on", stacklevel=4)
+            warnings.warn(f"{self.shown(self.paths['best'])} does not hold the best epoch ({self.best['epoch']}); the "
+                          f"best is chosen again from epoch {epoch} on", stacklevel=4)
             self.best = {"epoch": epoch, "score": self._score(self.history, epoch)}
         self._write_best(model, self.history)
 
