@@ -1569,7 +1569,8 @@ def run_settings(model, optimizer, scheduler, criterion, epochs, data, config=No
            k not in ("foreach", "fused", "differentiable", "capturable", "maximize")}
     loaders = {"train_images": len(data.train.dataset), "test_images": len(data.test.dataset),
                "val_images": len(data.val.dataset) if data.val is not None else 0,
-               "augment": getattr(data, "augment", None), "seed": getattr(data.train, "seed", None)}
+               "augment": getattr(data, "augment", None),
+               "seed": getattr(data.train.dataset, "seed", getattr(data.train, "seed", None))}  # GPULoader: its own
     cfg = {**(config or {}), "model": getattr(model, "arch", type(model).__name__), "epochs": epochs,
            "batch_size": data.train.batch_size, "data": loaders, "optimizer": {"name": type(optimizer).__name__, **opt},
            "scheduler": _describe_scheduler(scheduler, optimizer), "criterion": _describe_criterion(criterion)}
