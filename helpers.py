@@ -180,6 +180,23 @@ def make_transforms(aug=None, train=True, normalize=True, preview=False, mean=CI
     return A.Compose(steps)
 
 
+class _DrawsFrom(random.Random):
+    """A random.Random whose every draw comes from one numpy Generator: re-seeding that one re-seeds both."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        super().__init__()
+
+    def random(self):
+        return self.generator.random()  # uniform, gauss, choices... are built on random()
+
+    def getrandbits(self, k):
+        return int.from_bytes(self.generator.bytes((k + 7) // 8), "little") >> (-k % 8)  # randint, choice, shuffle...
+
+    def __reduce__(self):
+        return type(self), (self.generator,)
+
+
 class ArrayDataset(Dataset):
     """Numpy images + labels, each image passed through an albumentations pipeline (01, 03).
 
@@ -190,16 +207,35 @@ class ArrayDataset(Dataset):
     def __init__(self, images, labels, transform=None, seed=None):
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
         self.seed, self.epoch = seed, 0
+        self._bits = np.random.PCG64(0)  # one generator, re-seeded per image (an albumentations pipeline has two)
+        self._rng, self._inc = np.random.Generator(self._bits), self._bits.state["state"]["inc"]
+        self._py_random = _DrawsFrom(self._rng)
+        self._states, self._states_for = None, None
 
     def __len__(self):
         return len(self.labels)
+
+    def _epoch_states(self):
+        """Every image's 128-bit generator state for this epoch, drawn once from (seed, epoch): (N, 2) uint64."""
+        if self._states_for != (self.seed, self.epoch):
+            stream = np.random.SeedSequence([self.seed, self.epoch]).spawn(1)[0]  # set_epoch's shuffle uses the parent
+            self._states = np.random.PCG64(stream).random_raw((len(self), 2))  # row i: the same whatever N is
+            self._states_for = (self.seed, self.epoch)
+        return self._states
+
+    def _seed_transform(self, i):
+        """Put image i's state into the one generator and make sure the pipeline draws from it."""
+        high, low = self._epoch_states()[i]
+        state = {"state": (int(high) << 64) | int(low), "inc": self._inc}
+        self._bits.state = {"bit_generator": "PCG64", "state": state, "has_uint32": 0, "uinteger": 0}  # ~3 us
+        if self.transform.py_random is not self._py_random:  # once per pipeline, or if another dataset took it
+            self.transform.set_random_state(self._rng, self._py_random)
 
     def __getitem__(self, i):
         image = self.images[i]
         if self.transform is not None:
             if self.seed is not None:
-                rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-                self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+                self._seed_transform(int(i))
             image = self.transform(image=image)["image"]
         return image, int(self.labels[i])
 
@@ -210,18 +246,18 @@ def make_loader(images, labels, transform=None, batch_size=512, shuffle=False, n
     device = get_device(device)
     workers = (0 if device.type == "cpu" else min(8, os.cpu_count() or 1)) if num_workers == "auto" else num_workers
     dataset = ArrayDataset(images, labels, transform, seed=seed if shuffle else None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                        drop_last=shuffle and len(dataset) % batch_size == 1,  # no batch of one for BatchNorm
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
-    loader.seed = seed
-    return loader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      drop_last=shuffle and len(dataset) % batch_size == 1,  # no batch of one for BatchNorm
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader, epoch):
     """Make a shuffled make_loader loader's order and augmentations those of this epoch (03: fit calls it)."""
     if hasattr(loader, "set_epoch"):  # a loader that seeds itself (benchmarks/gpu_loader.py)
         return loader.set_epoch(epoch)
-    loader.generator.manual_seed(int(np.random.SeedSequence([loader.seed, epoch]).generate_state(1)[0]))
+    seed = loader.dataset.seed  # None: an unshuffled loader, whose order and images never change
+    if seed is not None:
+        loader.generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     loader.dataset.epoch = epoch  # workers get a fresh copy of the dataset every epoch
 
 
