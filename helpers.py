@@ -938,7 +938,7 @@ class GradCAM:
         if isinstance(self.target_layer, (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d)):
             raise ValueError(f"Grad-CAM needs a layer with feature maps [N, C, H, W]; {self.target_layer} has none. "
                              f"Use a convolutional stage such as 'layer3'")
-        self._handle, self._acts, self._grads = None, None, None
+        self._handle, self._acts, self._capturing = None, None, False
         self.map_size = None  # (h, w) of the target layer's maps at the last call, before upsampling
 
     def __enter__(self):
@@ -953,19 +953,38 @@ class GradCAM:
         """Remove the hook and drop stored tensors."""
         if self._handle is not None:
             self._handle.remove()
-        self._handle, self._acts, self._grads = None, None, None
+        self._handle, self._acts, self._capturing = None, None, False
 
     def _forward_hook(self, module, inputs, output):
-        self._acts = output.detach().clone()  # a copy: a later in-place op cannot change it
-        if output.requires_grad:
-            output.register_hook(self._save_grad)  # a tensor hook: fine with in-place ReLU after it
-
-    def _save_grad(self, grad):
-        self._grads = grad.detach()
+        """During a call, the layers above start from a copy of the maps: the backward pass stops at the layer."""
+        if not self._capturing or not isinstance(output, torch.Tensor):
+            return None  # the model's own forward passes inside the with block are left alone
+        self._acts = output.detach().requires_grad_(True)  # a graph above even with frozen weights
+        return self._acts.clone()  # a later in-place op (ReLU) changes the copy, never the maps
 
     def channel_weights(self, acts, grads):
         """Grad-CAM: the spatial mean of the gradients, one weight per channel."""
         return grads.mean(dim=(2, 3))
+
+    def _maps_and_grads(self, images, targets):
+        """One forward for the batch, then the gradients of the targets' scores at the target layer only."""
+        self._capturing = True
+        try:
+            with torch.enable_grad():
+                logits = self.model(images.detach().to(next(self.model.parameters()).device).float())
+        finally:
+            self._capturing = False
+        targets = _cam_targets(targets, logits)
+        if self._acts is None:
+            raise RuntimeError("the target layer saw no forward pass; is it part of the model?")
+        if self._acts.dim() != 4:
+            raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
+                             f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
+        score = logits.gather(1, targets[:, None]).sum()
+        grads = torch.autograd.grad(score, [self._acts], allow_unused=True)[0] if score.requires_grad else None
+        if grads is None:  # autograd.grad: no parameter's .grad is touched, and nothing below the layer runs
+            raise RuntimeError("the model's output does not depend on the target layer; is it part of the model?")
+        return self._acts.detach(), grads
 
     def __call__(self, images, targets=None):
         """Maps [N, H, W] in [0, 1] at the input's size, for each image's target (None: predicted) class."""
@@ -975,24 +994,14 @@ class GradCAM:
         was_training = self.model.training
         self.model.eval()
         try:
-            device = next(self.model.parameters()).device
-            x = images.detach().to(device).float().requires_grad_(True)  # a graph even if weights are frozen
-            with torch.enable_grad():
-                logits = self.model(x)  # one forward for the whole batch
-                targets = _cam_targets(targets, logits)
-                logits.gather(1, targets[:, None]).sum().backward(inputs=[x])  # parameter .grad untouched
-            if self._acts is None or self._grads is None:
-                raise RuntimeError("the target layer saw no forward/backward pass; is it part of the model?")
-            if self._acts.dim() != 4:
-                raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
-                                 f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
-            acts, grads = self._acts.float(), self._grads.float()  # (N, C, h, w)
+            acts, grads = self._maps_and_grads(images, targets)
+            acts, grads = acts.float(), grads.float()  # (N, C, h, w)
             self.map_size = tuple(acts.shape[-2:])
             cam = F.relu((self.channel_weights(acts, grads)[:, :, None, None] * acts).sum(1))  # (N, h, w)
             cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             return _minmax(cam).cpu()
         finally:
-            self._acts, self._grads = None, None
+            self._acts = None
             self.model.train(was_training)
 
 
