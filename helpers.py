@@ -970,17 +970,17 @@ class GradCAM:
         """One forward for the batch, then the gradients of the targets' scores at the target layer only."""
         self._capturing = True
         try:
-            with torch.enable_grad():
+            with torch.enable_grad():  # also inside a caller's torch.no_grad()
                 logits = self.model(images.detach().to(next(self.model.parameters()).device).float())
+                score = logits.gather(1, _cam_targets(targets, logits)[:, None]).sum()
         finally:
             self._capturing = False
-        targets = _cam_targets(targets, logits)
         if self._acts is None:
-            raise RuntimeError("the target layer saw no forward pass; is it part of the model?")
+            raise RuntimeError("the target layer gave no feature-map tensor in the forward pass; is it part of the "
+                               "model?")
         if self._acts.dim() != 4:
             raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
                              f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
-        score = logits.gather(1, targets[:, None]).sum()
         grads = torch.autograd.grad(score, [self._acts], allow_unused=True)[0] if score.requires_grad else None
         if grads is None:  # autograd.grad: no parameter's .grad is touched, and nothing below the layer runs
             raise RuntimeError("the model's output does not depend on the target layer; is it part of the model?")

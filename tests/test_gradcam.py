@@ -125,6 +125,8 @@ def test_frozen_weights_give_the_same_maps():
     with H.GradCAMPlusPlus(net, net.conv) as cam:
         assert torch.equal(cam(x, [0, 1, 2]), expected)
     assert not any(p.requires_grad for p in net.parameters()) and not x.requires_grad
+    with H.GradCAMPlusPlus(net, net.conv) as cam, torch.no_grad():
+        assert torch.equal(cam(x, [0, 1, 2]), expected)  # a caller's no_grad block does not stop it
 
 
 def test_the_models_own_passes_inside_the_block_are_untouched():
