@@ -169,6 +169,23 @@ def make_transforms(aug=None, train=True, normalize=True, preview=False, mean=CI
     return A.Compose(steps)
 
 
+class _DrawsFrom(random.Random):
+    """A random.Random whose every draw comes from one numpy Generator: re-seeding that one re-seeds both."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        super().__init__()
+
+    def random(self):
+        return self.generator.random()  # uniform, gauss, choices... are built on random()
+
+    def getrandbits(self, k):
+        return int.from_bytes(self.generator.bytes((k + 7) // 8), "little") >> (-k % 8)  # randint, choice, shuffle...
+
+    def __reduce__(self):
+        return type(self), (self.generator,)
+
+
 class ArrayDataset(Dataset):
     """Numpy images + labels, each image passed through an albumentations pipeline (01, 03).
 
@@ -179,16 +196,35 @@ class ArrayDataset(Dataset):
     def __init__(self, images, labels, transform=None, seed=None):
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
         self.seed, self.epoch = seed, 0
+        self._bits = np.random.PCG64(0)  # one generator, re-seeded per image (an albumentations pipeline has two)
+        self._rng, self._inc = np.random.Generator(self._bits), self._bits.state["state"]["inc"]
+        self._py_random = _DrawsFrom(self._rng)
+        self._states, self._states_for = None, None
 
     def __len__(self):
         return len(self.labels)
+
+    def _epoch_states(self):
+        """Every image's 128-bit generator state for this epoch, drawn once from (seed, epoch): (N, 2) uint64."""
+        if self._states_for != (self.seed, self.epoch):
+            stream = np.random.SeedSequence([self.seed, self.epoch]).spawn(1)[0]  # set_epoch's shuffle uses the parent
+            self._states = np.random.PCG64(stream).random_raw((len(self), 2))  # row i: the same whatever N is
+            self._states_for = (self.seed, self.epoch)
+        return self._states
+
+    def _seed_transform(self, i):
+        """Put image i's state into the one generator and make sure the pipeline draws from it."""
+        high, low = self._epoch_states()[i]
+        state = {"state": (int(high) << 64) | int(low), "inc": self._inc}
+        self._bits.state = {"bit_generator": "PCG64", "state": state, "has_uint32": 0, "uinteger": 0}  # ~3 us
+        if self.transform.py_random is not self._py_random:  # once per pipeline, or if another dataset took it
+            self.transform.set_random_state(self._rng, self._py_random)
 
     def __getitem__(self, i):
         image = self.images[i]
         if self.transform is not None:
             if self.seed is not None:
-                rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-                self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+                self._seed_transform(int(i))
             image = self.transform(image=image)["image"]
         return image, int(self.labels[i])
 
@@ -199,18 +235,18 @@ def make_loader(images, labels, transform=None, batch_size=512, shuffle=False, n
     device = get_device(device)
     workers = (0 if device.type == "cpu" else min(8, os.cpu_count() or 1)) if num_workers == "auto" else num_workers
     dataset = ArrayDataset(images, labels, transform, seed=seed if shuffle else None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                        drop_last=shuffle and len(dataset) % batch_size == 1,  # no batch of one for BatchNorm
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
-    loader.seed = seed
-    return loader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      drop_last=shuffle and len(dataset) % batch_size == 1,  # no batch of one for BatchNorm
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader, epoch):
     """Make a shuffled make_loader loader's order and augmentations those of this epoch (03: fit calls it)."""
     if hasattr(loader, "set_epoch"):  # a loader that seeds itself (benchmarks/gpu_loader.py)
         return loader.set_epoch(epoch)
-    loader.generator.manual_seed(int(np.random.SeedSequence([loader.seed, epoch]).generate_state(1)[0]))
+    seed = loader.dataset.seed  # None: an unshuffled loader, whose order and images never change
+    if seed is not None:
+        loader.generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     loader.dataset.epoch = epoch  # workers get a fresh copy of the dataset every epoch
 
 
@@ -1015,7 +1051,7 @@ class GradCAM:
         if isinstance(self.target_layer, (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d)):
             raise ValueError(f"Grad-CAM needs a layer with feature maps [N, C, H, W]; {self.target_layer} has none. "
                              f"Use a convolutional stage such as 'layer3'")
-        self._handle, self._acts, self._grads = None, None, None
+        self._handle, self._acts, self._capturing = None, None, False
         self.map_size = None  # (h, w) of the target layer's maps at the last call, before upsampling
 
     def __enter__(self):
@@ -1030,19 +1066,38 @@ class GradCAM:
         """Remove the hook and drop stored tensors."""
         if self._handle is not None:
             self._handle.remove()
-        self._handle, self._acts, self._grads = None, None, None
+        self._handle, self._acts, self._capturing = None, None, False
 
     def _forward_hook(self, module, inputs, output):
-        self._acts = output.detach().clone()  # a copy: a later in-place op cannot change it
-        if output.requires_grad:
-            output.register_hook(self._save_grad)  # a tensor hook: fine with in-place ReLU after it
-
-    def _save_grad(self, grad):
-        self._grads = grad.detach()
+        """During a call, the layers above start from a copy of the maps: the backward pass stops at the layer."""
+        if not self._capturing or not isinstance(output, torch.Tensor):
+            return None  # the model's own forward passes inside the with block are left alone
+        self._acts = output.detach().requires_grad_(True)  # a graph above even with frozen weights
+        return self._acts.clone()  # a later in-place op (ReLU) changes the copy, never the maps
 
     def channel_weights(self, acts, grads):
         """Grad-CAM: the spatial mean of the gradients, one weight per channel."""
         return grads.mean(dim=(2, 3))
+
+    def _maps_and_grads(self, images, targets):
+        """One forward for the batch, then the gradients of the targets' scores at the target layer only."""
+        self._capturing = True
+        try:
+            with torch.enable_grad():  # also inside a caller's torch.no_grad()
+                logits = self.model(images.detach().to(next(self.model.parameters()).device).float())
+                score = logits.gather(1, _cam_targets(targets, logits)[:, None]).sum()
+        finally:
+            self._capturing = False
+        if self._acts is None:
+            raise RuntimeError("the target layer gave no feature-map tensor in the forward pass; is it part of the "
+                               "model?")
+        if self._acts.dim() != 4:
+            raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
+                             f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
+        grads = torch.autograd.grad(score, [self._acts], allow_unused=True)[0] if score.requires_grad else None
+        if grads is None:  # autograd.grad: no parameter's .grad is touched, and nothing below the layer runs
+            raise RuntimeError("the model's output does not depend on the target layer; is it part of the model?")
+        return self._acts.detach(), grads
 
     def __call__(self, images, targets=None):
         """Maps [N, H, W] in [0, 1] at the input's size, for each image's target (None: predicted) class."""
@@ -1052,24 +1107,14 @@ class GradCAM:
         was_training = self.model.training
         self.model.eval()
         try:
-            device = next(self.model.parameters()).device
-            x = images.detach().to(device).float().requires_grad_(True)  # a graph even if weights are frozen
-            with torch.enable_grad():
-                logits = self.model(x)  # one forward for the whole batch
-                targets = _cam_targets(targets, logits)
-                logits.gather(1, targets[:, None]).sum().backward(inputs=[x])  # parameter .grad untouched
-            if self._acts is None or self._grads is None:
-                raise RuntimeError("the target layer saw no forward/backward pass; is it part of the model?")
-            if self._acts.dim() != 4:
-                raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
-                                 f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
-            acts, grads = self._acts.float(), self._grads.float()  # (N, C, h, w)
+            acts, grads = self._maps_and_grads(images, targets)
+            acts, grads = acts.float(), grads.float()  # (N, C, h, w)
             self.map_size = tuple(acts.shape[-2:])
             cam = F.relu((self.channel_weights(acts, grads)[:, :, None, None] * acts).sum(1))  # (N, h, w)
             cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             return _minmax(cam).cpu()
         finally:
-            self._acts, self._grads = None, None
+            self._acts = None
             self.model.train(was_training)
 
 

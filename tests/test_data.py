@@ -1,5 +1,6 @@
 """Data: loading, subsets, splits, statistics, albumentations pipelines and loaders."""
 
+import pickle
 import subprocess
 import sys
 import urllib.error
@@ -171,6 +172,61 @@ def test_epoch_seeding_repeats_augmentations_across_workers(fake_cifar):
         assert torch.equal(a, epoch_batches(2, workers=workers))  # a fresh loader (a resumed run) repeats it
         assert not torch.equal(a, epoch_batches(3, workers=workers))
 
+
+
+def test_zero_and_two_workers_give_identical_batches(fake_cifar):
+    """Order and augmentation come from (seed, epoch, image) alone: workers and a fresh loader change nothing."""
+    x, y = H.load_cifar10(fake_cifar)
+    runs = {}
+    for workers in (0, 2, 0):
+        loader = H.make_loader(x[:96], y[:96], H.make_transforms({"cutout": 16}), batch_size=32, shuffle=True,
+                               num_workers=workers, seed=7)
+        H.set_epoch(loader, 4)
+        images, labels = (torch.cat(parts) for parts in zip(*loader))
+        if workers in runs:  # a fresh loader, as a resumed run makes, repeats it
+            assert torch.equal(images, runs[workers][0]) and torch.equal(labels, runs[workers][1])
+        runs[workers] = images, labels
+    assert torch.equal(runs[0][0], runs[2][0]) and torch.equal(runs[0][1], runs[2][1])
+
+
+def test_augmentations_vary_between_images_and_epochs():
+    """One image repeated: every copy gets its own crop, flip and hole, and a new one next epoch."""
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = H.ArrayDataset(np.repeat(image[None], 64, 0), np.zeros(64), H.make_transforms({"cutout": 16}), seed=3)
+    epoch0 = torch.stack([data[i][0] for i in range(64)])
+    data.epoch = 1
+    epoch1 = torch.stack([data[i][0] for i in range(64)])
+    assert len({tuple(a.flatten().tolist()) for a in epoch0}) > 50  # distinct augmentations
+    assert sum(not torch.equal(a, b) for a, b in zip(epoch0, epoch1)) > 55
+
+
+def test_an_images_augmentation_depends_only_on_seed_epoch_and_index():
+    x = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    pipe = H.make_transforms({"cutout": 16, "rotate": 5})
+    full = H.ArrayDataset(x, np.zeros(40), pipe, seed=2)
+    part = H.ArrayDataset(x[:10], np.zeros(10), pipe, seed=2)  # shares the pipeline: each re-seeds it
+    other = H.ArrayDataset(x, np.zeros(40), pipe, seed=9)
+    forwards = [full[i][0] for i in range(10)]
+    np.random.seed(0)  # noqa: NPY002 (the global generators must not matter)
+    backwards = [full[i][0] for i in reversed(range(10))][::-1]
+    assert all(torch.equal(a, b) and torch.equal(a, part[i][0]) for i, (a, b) in enumerate(zip(forwards, backwards)))
+    assert not torch.equal(torch.stack(forwards), torch.stack([other[i][0] for i in range(10)]))
+    again = pickle.loads(pickle.dumps(full))  # what a worker started with "spawn" gets
+    assert all(torch.equal(again[i][0], forwards[i]) for i in range(10))
+
+
+def test_set_epoch_reads_the_seed_from_the_dataset(fake_cifar):
+    x, y = H.load_cifar10(fake_cifar)
+    loader = H.make_loader(x[:64], y[:64], H.make_transforms(), batch_size=16, shuffle=True, num_workers=0, seed=1)
+    assert not hasattr(loader, "seed")
+    H.set_epoch(loader, 2)
+    before = torch.cat([t for _, t in loader])
+    loader.dataset.seed = 5
+    H.set_epoch(loader, 2)
+    assert not torch.equal(before, torch.cat([t for _, t in loader]))
+    fixed = H.make_loader(x[:64], y[:64], H.make_transforms(train=False), batch_size=16, num_workers=0)
+    H.set_epoch(fixed, 3)  # an unshuffled loader has no seed: its order never changes
+    assert torch.equal(torch.cat([t for _, t in fixed]), torch.as_tensor(y[:64]))
 
 def test_denormalize_inverts_normalize():
     rng = np.random.default_rng(1)

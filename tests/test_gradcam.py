@@ -97,6 +97,50 @@ def test_one_forward_per_batch_and_parameter_grads_untouched(scaled_resnet18):
     assert all(p.grad is None for p in scaled_resnet18.parameters())
 
 
+
+def test_backward_stops_at_the_target_layer(scaled_resnet18):
+    """Only the layers above the target are back-propagated: no gradient ever reaches layer2's output."""
+    reached = []
+
+    def watch(module, inputs, out):
+        out.register_hook(lambda grad: reached.append(module))
+
+    hook = scaled_resnet18.layer2.register_forward_hook(watch)
+    try:
+        for method in (H.GradCAM, H.GradCAMPlusPlus):
+            with method(scaled_resnet18, scaled_resnet18.layer3) as cam:
+                cam(torch.randn(2, 3, 32, 32))
+    finally:
+        hook.remove()
+    assert reached == []
+
+
+def test_frozen_weights_give_the_same_maps():
+    torch.manual_seed(0)
+    net = InplaceNet().eval()
+    x = torch.randn(3, 3, 16, 16)
+    with H.GradCAMPlusPlus(net, net.conv) as cam:
+        expected = cam(x, [0, 1, 2])
+    net.requires_grad_(False)
+    with H.GradCAMPlusPlus(net, net.conv) as cam:
+        assert torch.equal(cam(x, [0, 1, 2]), expected)
+    assert not any(p.requires_grad for p in net.parameters()) and not x.requires_grad
+    with H.GradCAMPlusPlus(net, net.conv) as cam, torch.no_grad():
+        assert torch.equal(cam(x, [0, 1, 2]), expected)  # a caller's no_grad block does not stop it
+
+
+def test_the_models_own_passes_inside_the_block_are_untouched():
+    """Training or predicting inside the with block still gets every layer's gradient and the same outputs."""
+    torch.manual_seed(0)
+    net = InplaceNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = net(x)
+    with H.GradCAM(net, net.conv) as cam:
+        cam(x)
+        out = net(x)
+        out.sum().backward()
+    assert torch.equal(out, expected) and net.conv.weight.grad is not None
+
 def test_hooks_are_removed_also_on_error_and_nothing_grows(scaled_resnet18):
     layer = scaled_resnet18.layer3
     x = torch.randn(2, 3, 32, 32)
