@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from gpu_loader import GPULoader  # noqa: E402  (same folder)
 
 import helpers as H  # noqa: E402
+from course.system import device_name, versions  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -100,7 +101,7 @@ def main():
         results["batched device-side"].append(images_per_second(batched(), a.batches))
     best = {k: max(v) for k, v in results.items()}
     ratio = best["albumentations (ours)"] / best["torchvision + PIL"]
-    hw = H.device_name("cpu")
+    hw = device_name("cpu")
     gpu_dev = H.get_device(a.gpu_loader_device)
     print(f"training input pipeline, batch {a.batch_size}, {a.workers} workers, {a.batches} batches, on {hw}")
     print(f"{'pipeline':>24} {'images/s':>10}")
@@ -110,7 +111,7 @@ def main():
     print(f"ratio albumentations / torchvision: {ratio:.2f}x")
     record = {"benchmark": "dataloader", "machine": hw, "batch_size": a.batch_size, "workers": a.workers,
               "batches": a.batches, "images_per_s": best, "all_runs": results, "ratio_ours_over_torchvision": ratio,
-              "batched_device": str(gpu_dev), "versions": H.versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "batched_device": str(gpu_dev), "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_record(record, f"dataloader_{gpu_dev.type}.json")
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench_dataloader import write_record  # noqa: E402  (same folder)
 
 import helpers as H  # noqa: E402
+from course.system import device_name, versions  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -52,7 +53,9 @@ def main():
     device = H.get_device(a.device)
     torch.manual_seed(0)
     if a.checkpoint:
-        model, _ = H.model_from_checkpoint(a.checkpoint, device)
+        ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=True)  # a course _best.pt
+        model = H.make_model(**ckpt["arch"]).to(device).eval()
+        model.load_state_dict(ckpt["model"])
     else:
         model = H.make_model("resnet18").to(device).eval()
         with torch.no_grad():
@@ -69,14 +72,14 @@ def main():
             t_ref = timed(lambda: ref(x, [ClassifierOutputTarget(t) for t in targets]), a.repeats)
         rows[ref_name] = {"ours_ms": 1e3 * t_ours, "pytorch_grad_cam_ms": 1e3 * t_ref,
                           "ratio_ref_over_ours": t_ref / t_ours, "max_abs_diff": float(diff)}
-    hw = H.device_name(device)
+    hw = device_name(device)
     print(f"{a.images} images, ResNet18 {a.layer}, median of {a.repeats}, on {hw}")
     print(f"{'method':>16} {'ours ms':>9} {'pytorch-grad-cam ms':>20} {'theirs / ours':>14} {'max |diff|':>11}")
     for name, r in rows.items():
         print(f"{name:>16} {r['ours_ms']:>9.1f} {r['pytorch_grad_cam_ms']:>20.1f} {r['ratio_ref_over_ours']:>13.2f}x "
               f"{r['max_abs_diff']:>11.1e}")
     record = {"benchmark": "gradcam", "machine": hw, "images": a.images, "layer": a.layer, "repeats": a.repeats,
-              "checkpoint": a.checkpoint, "results": rows, "versions": H.versions(),
+              "checkpoint": a.checkpoint, "results": rows, "versions": versions(),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_record(record, f"gradcam_{device.type}_{a.layer}.json")
 

@@ -16,7 +16,6 @@ the wall time to first reach 90%, 93% and 94%. A JSON record goes to benchmarks/
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,14 +27,17 @@ sys.path.insert(0, str(ROOT))
 from bench_dataloader import images_per_second, write_record  # noqa: E402  (same folder)
 from gpu_loader import GPULoader  # noqa: E402  (same folder)
 
+import course  # noqa: E402
 import helpers as H  # noqa: E402
+from course.system import device_name, versions  # noqa: E402
 
 TARGETS = (90.0, 93.0, 94.0)
 
 
 def configs(a):
     """(recipe, baseline) settings: notebook 03's recipe and the seeds' StepLR baseline."""
-    lr, why = H.resolve_lr(a.lr, a.output_dir, batch_size=512)
+    ws = course.start({}, outputs=a.output_dir, images=Path(a.output_dir).parent / "images", data_dir=a.data_dir)
+    lr, why = ws.lr(a.lr, batch_size=512)
     print(f"recipe: {why}")
     recipe = dict(name="recipe", epochs=a.epochs, batch_size=512, lr=lr, nesterov=True, label_smoothing=0.1,
                   schedule="onecycle", amp=True, channels_last=True, data_on_gpu=a.data_on_gpu)
@@ -102,9 +104,8 @@ def full_run(cfg, a, device):
     H.seed_everything(a.seed)
     data = make_data(cfg, a, device)
     model, opt, sched, criterion = build(cfg, len(data.train))
-    with tempfile.TemporaryDirectory() as tmp:
-        rec = H.fit(model, data, opt, sched, criterion, epochs=cfg["epochs"], name=cfg["name"], output_dir=tmp,
-                    amp=cfg["amp"], channels_last=cfg["channels_last"], device=device, progress=False)
+    rec = H.fit(model, data, opt, sched, criterion, epochs=cfg["epochs"], amp=cfg["amp"],
+                channels_last=cfg["channels_last"], device=device, progress=False)  # in memory: no files
     h = rec["history"]
     train_time = sum(h["epoch_time"])  # includes evaluation: an upper bound on training time
     return {"history": h, "train_images_per_s": len(data.train.dataset) * len(h["epoch"]) / train_time,
@@ -129,9 +130,9 @@ def main():
     a = ap.parse_args()
     device = H.get_device(a.device)
     recipe, baseline = configs(a)
-    hw = H.device_name(device)
+    hw = device_name(device)
     record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
-              "configs": {"recipe": recipe, "baseline": baseline}, "versions": H.versions(),
+              "configs": {"recipe": recipe, "baseline": baseline}, "versions": versions(),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.quick:
         rows = {}

@@ -1,20 +1,39 @@
 """A class's results from its hand-in zips: python scripts/class_results.py HANDIN_FOLDER [--assignment F] [--out D]
+[--verify [--data DATA_DIR] [--device auto|cpu|cuda]]
 
 Reads every zip under HANDIN_FOLDER (a folder per student, or all zips in one folder; each written by a notebook's
 hand-in cell) and writes class_results.md, class_results.csv and class_results.png (more than 40 rows or 30 runs:
 class_results_2.png, ...) into --out (default: HANDIN_FOLDER). A row per run of each hand-in (or one per hand-in
 without runs), keyed by its file (folder and name) and showing the student's name: the run's settings, epochs,
 final test accuracy, device, time and run id, the answers given or missing, the self-checks with their tries, and
-flags. Nothing is re-run, extracted to disk or unpickled. The assignment is each notebook's defaults changed by
---assignment, a JSON file such as {"03": {"CLASS_BUDGET": true}}; CLASS_BUDGET true means what the notebook's own
-`elif CLASS_BUDGET:` branch sets (read from its start cell). A typo in it (bad JSON, an unknown notebook or
-parameter, a value the notebook refuses) stops the script before any zip is read, naming the key (exit code 2).
+flags. Nothing is re-run, extracted to disk or unpickled (but see --verify). The assignment is each notebook's
+defaults changed by --assignment, a JSON file such as {"03": {"CLASS_BUDGET": true}}; CLASS_BUDGET true means what
+the notebook's own `elif CLASS_BUDGET:` branch sets (read from its start cell). A typo in it (bad JSON, an unknown
+notebook or parameter, a value the notebook refuses) stops the script before any zip is read, naming the key (exit
+code 2).
 
 One student's file never costs the class its table: each file is read on its own within limits (a zip of at most
 500 MiB and 500 members; manifest.json at most 5 MiB and results files 50 MiB once inflated, read streaming and refused
 past the limit; JSON nested at most 50 levels). A file that cannot be read is a flagged row saying why (encrypted,
 a compression Python cannot read, too large, not JSON, a manifest that is not an object...); anything that is not
 a regular file (a FIFO, a broken symlink, a symlink loop) is a row saying it was skipped. Symlinked folders are read.
+
+--verify evaluates again the weights a hand-in carries (weights/<run>.pt: the run's best weights, those of the epoch
+chosen on the validation split or, without one, of the last epoch, as a plain state dict in half precision; 03's
+hand-in cell adds them) and shows the accuracy in the column "verified test acc %" ("no weights" where a run has
+none). Each file is read into memory only (never extracted), refused past 200 MB, and loaded with torch.load(...,
+weights_only=True), which builds plain containers and tensors and runs no code (torch 2.6 or newer: --verify refuses
+to run on older); anything but a dict of tensors is refused. The model is rebuilt with helpers.make_model from the
+record's config["model"] (name, norm, num_classes, last_stride, with the course's values only), the weights are cast
+to float32 and loaded strictly, and the run's own test images are evaluated with the course's code (load_test_split,
+make_loader, predict, accuracy): all 10,000 of --data (default: the checkout's data/), or for a SUBSET run the
+class-balanced split load_test_split gives with the run's SUBSET and seed. --verify without CIFAR-10 in --data stops
+before any zip is read (exit code 2). Without --verify no weights are read at all.
+
+How long it takes, measured on this project's machine (a 2-core Intel Xeon CPU shared with other work, torch 2.14,
+--device cpu, 2026-11-29): 103 s for one ResNet18 run on all 10,000 test images (the whole command 109 s, 1.8 GB of
+memory). 03 hands in 3 runs at its defaults (N_SEEDS), 1 at the class budget: about 5 minutes a student, or under 2,
+on such a CPU; a GPU (--device cuda) is much faster (not measured here). The script prints the times it took.
 
 What each flag proves, and what it does not:
 
@@ -47,6 +66,26 @@ two hand-ins of NN / folder and manifest disagree / no student name: one student
 notebook (both shown), the folder's name is not the manifest's student, or the manifest names no one. They say
 which row to read with care; they prove nothing about the work.
 
+verified accuracy X% differs from the claimed Y% (--verify): the weights in the zip do not give the accuracy its
+record claims for them (test_acc_at_best_val; final_test_acc for a run without a validation split) by more than 0.3
+points or 3 images, whichever is more (TOLERANCE). It proves that the weights handed in are not the ones the record
+describes. It does not prove that the student trained them: the flag below catches identical weights; a friend's
+other run (other weights, with its own honest record) is not caught, nor are weights trained on from a friend's.
+The tolerance, measured here (2026-11-29) on a ResNet18 trained for 4 epochs to 40%, so that many images lie near
+a decision boundary, on the first 5,000 test images of ../shared/data's JPEG copy of CIFAR-10: the weights rounded
+to half precision changed no prediction; a record's claim made in mixed precision (autocast, here emulated on the
+CPU) changed 31 predictions, and the number right by 3, in bf16 (A100, L4), and 3 and 2 in fp16 (T4). 0.3 points
+is 30 of 10,000 images, five times the largest of these scaled to 10,000; a claim raised by less is not caught.
+
+weights refused / weights not verified (--verify): the file is too large, not a torch file, refused by torch's safe
+loader, not a dict of tensors, or does not fit the record's model; or the record names no course model, claims no
+accuracy for its best weights, or was tested on images this data folder does not hold (a SUBSET that does not give
+its number of test images; a folder with fewer than its 10,000). They say the claim could not be checked.
+
+same weights as <student> (--verify): two students' hand-ins hold identical weights (sha256 over the state dict,
+keys sorted, in float32: a copy saved again in another precision is caught too). Like "same run as", it proves a
+copy, flagged on both rows; weights changed by a single training step are other weights.
+
 self-checks: each checked exercise, right or wrong, with its tries. A fixed answer (a hash in
 course.handin.ANSWER_CHECKS) is checked again here ("75%" and "4x" read as 75 and 4): "self-check claim does not
 match the answer" proves the manifest was edited; "changed after the check" means the answer handed in is not the
@@ -63,6 +102,7 @@ import os
 import re
 import stat
 import sys
+import time
 import unicodedata
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -70,6 +110,7 @@ from pathlib import Path, PurePosixPath
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import helpers as H  # noqa: E402 -- course.handin imports it (and torch) already
 from course.checks import RULES, problem  # noqa: E402
 from course.handin import ANSWER_CHECKS, answer_hash, blank, jsonable  # noqa: E402
 from course.runs import record_checksum  # noqa: E402
@@ -78,13 +119,14 @@ from course.runs import record_checksum  # noqa: E402
 IGNORED = {"INTERACTIVE", "RUN_VGG16", "PHOTO_URL", "TTA", "QUICK", "EXPERIMENT", "GALLERY_SIZES", "N_CAM",
            "N_COMPARE", "ALPHA"}
 LIMITS = {"zip": 500 << 20, "directory": 10 << 20, "members": 500, "manifest": 5 << 20, "record": 50 << 20,
-          "depth": 50}  # bytes (MiB), members, levels
+          "depth": 50, "weights": 200 << 20}  # bytes (MiB), members, levels; weights: a ResNet50 in fp16 is 47 MB
 TRAINS = ("03", "04", "05", "06")  # the notebooks that train: a hand-in of one without a run is flagged
 FULL = 50_000  # CIFAR-10's training images (45,000 + 5,000 for validation in 03); QUICK uses a few hundred
 WIDTH = 60  # characters of a name in the table and the CSV (30 in the figure)
 FIGURE_ROWS, FIGURE_COLUMNS, FIGURE_PAGES = 40, 30, 50
 COLUMNS = ["student", "notebook", "run", "run id", "model", "epochs", "batch", "lr", "scheduler", "final test acc %",
-           "test acc at best val %", "device", "wall time min", "answers", "self-checks", "flags", "file"]
+           "test acc at best val %", "verified test acc %", "device", "wall time min", "answers", "self-checks",
+           "flags", "file"]
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 
@@ -226,6 +268,11 @@ def parse_json(data, what):
 
 def read_member(z, info, limit, what):
     """A zip member's JSON, inflated by streaming and refused past limit bytes (whatever its header claims)."""
+    return parse_json(read_bytes(z, info, limit, what), what)
+
+
+def read_bytes(z, info, limit, what):
+    """A zip member's bytes, inflated by streaming into memory (never to disk) and refused past limit bytes."""
     if info.flag_bits & 0x1:
         raise Unreadable(f"{what} is password-protected (encrypted)")
     if info.file_size > limit:
@@ -241,7 +288,7 @@ def read_member(z, info, limit, what):
         raise Unreadable(f"{what} is damaged ({text(str(err) or type(err).__name__, 80)})") from None
     if len(data) > limit:
         raise Unreadable(f"{what} is too large (more than {_mb(limit)} inflated)")
-    return parse_json(data, what)
+    return data
 
 
 def _file_kind(mode):
@@ -284,38 +331,51 @@ def _check_directory(f):
         raise Unreadable(f"unreadable hand-in: its directory is too large ({_mb(size)})")
 
 
+def _open_zip(f):
+    try:
+        _check_directory(f)
+        return zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+        raise Unreadable("not a hand-in zip (not a zip file)") from None
+
+
 def read_handin(path):
-    """(manifest, [(member, record or None, why unreadable)], problems) of one hand-in zip; Unreadable if the zip
-    or its manifest cannot be read."""
-    with open_regular(path) as f:
+    """(manifest, [(member, record or None, why unreadable)], problems, [weights members]) of one hand-in zip;
+    Unreadable if the zip or its manifest cannot be read. The weights are only named here, never read."""
+    with open_regular(path) as f, _open_zip(f) as z:
+        infos = z.infolist()
+        if len(infos) > LIMITS["members"]:
+            raise Unreadable(f"unreadable hand-in: too many members ({len(infos)}; the limit is "
+                             f"{LIMITS['members']})")
+        manifests = [i for i in infos if i.filename == "manifest.json"]
+        if not manifests:
+            raise Unreadable("not a hand-in zip (no manifest.json)")
+        problems = ["the zip holds manifest.json twice"] if len(manifests) > 1 else []
         try:
-            _check_directory(f)
-            z = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
-            raise Unreadable("not a hand-in zip (not a zip file)") from None
-        with z:
-            infos = z.infolist()
-            if len(infos) > LIMITS["members"]:
-                raise Unreadable(f"unreadable hand-in: too many members ({len(infos)}; the limit is "
-                                 f"{LIMITS['members']})")
-            manifests = [i for i in infos if i.filename == "manifest.json"]
-            if not manifests:
-                raise Unreadable("not a hand-in zip (no manifest.json)")
-            problems = ["the zip holds manifest.json twice"] if len(manifests) > 1 else []
-            try:
-                manifest = read_member(z, manifests[-1], LIMITS["manifest"], "manifest.json")
-            except Unreadable as err:
-                raise Unreadable(f"unreadable hand-in: {err}") from None
-            if not isinstance(manifest, dict):
-                raise Unreadable(f"unreadable hand-in: the manifest is {_kind(manifest)}, not a JSON object")
-            records = []
-            for info in infos:
-                if info.filename.startswith("results/") and info.filename.endswith(".json") and not info.is_dir():
-                    try:
-                        records.append((info.filename, read_member(z, info, LIMITS["record"], info.filename), None))
-                    except Unreadable as err:
-                        records.append((info.filename, None, str(err)))
-    return manifest, records, problems
+            manifest = read_member(z, manifests[-1], LIMITS["manifest"], "manifest.json")
+        except Unreadable as err:
+            raise Unreadable(f"unreadable hand-in: {err}") from None
+        if not isinstance(manifest, dict):
+            raise Unreadable(f"unreadable hand-in: the manifest is {_kind(manifest)}, not a JSON object")
+        records = []
+        for info in infos:
+            if info.filename.startswith("results/") and info.filename.endswith(".json") and not info.is_dir():
+                try:
+                    records.append((info.filename, read_member(z, info, LIMITS["record"], info.filename), None))
+                except Unreadable as err:
+                    records.append((info.filename, None, str(err)))
+        weights = [i.filename for i in infos if re.fullmatch(r"weights/[^/]+\.pt", i.filename)]
+    return manifest, records, problems, weights
+
+
+def read_weights(path, member):
+    """The bytes of one weights member of a hand-in zip, read into memory within LIMITS['weights']."""
+    with open_regular(path) as f, _open_zip(f) as z:
+        try:
+            info = z.getinfo(member)
+        except KeyError:
+            raise Unreadable(f"{member} is not in the zip") from None
+        return read_bytes(z, info, LIMITS["weights"], member)
 
 
 _FIELDS = {"notebook": str, "student": str, "quick": bool, "parameters": dict, "answers": dict, "unanswered": list,
@@ -589,6 +649,215 @@ def fingerprints(record):
     return keys
 
 
+# ---- --verify: the weights in a hand-in, evaluated again --------------------------------------------------------
+
+ARCH = {"name": tuple(H.MODELS), "norm": H.NORMS, "num_classes": (10,), "last_stride": (1, 2)}  # make_model's
+TOLERANCE = {"points": 0.3, "images": 3}  # a difference above both is flagged (see the module's docstring)
+_DTYPES = {"torch.float16", "torch.bfloat16", "torch.float32", "torch.float64", "torch.int64", "torch.int32",
+           "torch.uint8", "torch.bool"}  # what a state dict of the course's ResNets holds, in any precision
+
+
+def tolerance(n):
+    """The largest difference (points) between a re-measured and a claimed accuracy on n images that is rounding."""
+    return max(TOLERANCE["points"], 100 * TOLERANCE["images"] / n)
+
+
+def cifar_missing(data_dir):
+    """Why --verify cannot use data_dir (a message saying where CIFAR-10 goes), or None if it holds the test split."""
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    if (folder / "test_batch").is_file():
+        return None
+    return (f"--verify evaluates the weights on CIFAR-10's test split, and {folder / 'test_batch'} is missing. "
+            f"Put CIFAR-10's python-format batches there (the folder 'cifar-10-batches-py' inside {H.CIFAR10_URL}), "
+            f"or name the folder that holds 'cifar-10-batches-py' with --data")
+
+
+def model_arguments(config):
+    """make_model's arguments from a record's config['model'], or Unreadable saying why they are not the course's."""
+    arch = config.get("model")
+    if not isinstance(arch, dict):
+        raise Unreadable(f"the record's model is {_kind(arch)}, not a course ResNet's arguments")
+    unexpected = [k for k in arch if k not in ARCH]
+    if unexpected or "name" not in arch:
+        what = f"unexpected keys ({text(', '.join(map(str, unexpected)), 60)})" if unexpected else "no name"
+        raise Unreadable(f"the record's model ({text(arch, 60)}) is not a course ResNet: {what}")
+    for key, value in arch.items():
+        if isinstance(value, bool) or value not in ARCH[key] or type(value) is not type(ARCH[key][0]):
+            raise Unreadable(f"the record's model has {key} {text(value, 30)}; the course's are "
+                             f"{', '.join(map(str, ARCH[key]))}")
+    return dict(arch)
+
+
+def state_dict_of(data):
+    """The state dict in a weights file's bytes, loaded with torch's safe loader (weights_only: plain containers
+    and tensors, no code), or Unreadable saying why it is refused."""
+    import io
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- an UnpicklingError, a damaged archive, a refused global: all refused
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", str(err), re.S)
+        why = f"torch's safe loader refused it: {refused[1]}" if refused else \
+            f"{type(err).__name__}: {str(err).split('. ')[0]}"
+        raise Unreadable(f"cannot be loaded as weights ({text(why, 100)})") from None
+    if not isinstance(state, dict) or not state:
+        raise Unreadable(f"is {_kind(state) if not isinstance(state, dict) else 'an empty dict'}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise Unreadable(f"is not a state dict (a key is {_kind(key)})")
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
+            raise Unreadable(f"is not a state dict of tensors ({text(key, 40)} holds {_kind(value)})")
+        if value.layout != torch.strided or str(value.dtype) not in _DTYPES:
+            raise Unreadable(f"is not a state dict of plain tensors ({text(key, 40)} is {value.dtype}, "
+                             f"{value.layout})")
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
+
+
+def weights_hash(state):
+    """sha256 over the state dict (float32, keys sorted): equal for one set of weights saved in any precision."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fit(model, state):
+    """Why state does not fit model (missing, unexpected keys, other shapes), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own if k in state
+              and state[k].shape != own[k].shape]
+    parts = [f"{len(found)} {what} ({text(', '.join(found[:2]), 70)}{', ...' if len(found) > 2 else ''})"
+             for what, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+             if found]
+    return "; ".join(parts) or None
+
+
+class Verifier:
+    """--verify: each run's weights in a hand-in evaluated again on CIFAR-10's test split with the course's code
+    (helpers.load_test_split, make_loader, predict, accuracy), and compared with what its record claims."""
+
+    def __init__(self, data_dir, device="cpu"):
+        self.data_dir, self.device = Path(data_dir), H.get_device(device)
+        self.loaders, self.times = {}, {}  # (subset, seed): loader; hand-in file: seconds spent verifying it
+
+    def loader(self, subset, seed):
+        if (subset, seed) not in self.loaders:
+            x, y = H.load_test_split(self.data_dir, subset=subset, seed=seed)
+            self.loaders[subset, seed] = H.make_loader(x, y, H.make_transforms(train=False), batch_size=500,
+                                                       device=self.device)
+        return self.loaders[subset, seed]
+
+    def test_split(self, record, manifest):
+        """(subset, seed) of load_test_split that gives the test images this run was evaluated on; Unreadable if
+        the record and manifest name none that this data folder holds."""
+        config = record.get("config") if isinstance(record.get("config"), dict) else {}
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        params = manifest["parameters"]
+        images, subset = _whole(data.get("test_images")), _whole(params.get("SUBSET"))
+        seed = next((s for s in (_whole(data.get("seed")), _whole(params.get("SEED"))) if s is not None), 0)
+        full, source = len(self.loader(None, 0).dataset), "its SUBSET"
+        if subset is None and images is not None and images < full:  # a manifest without SUBSET: the record's
+            train, val = _whole(data.get("train_images")), _whole(data.get("val_images")) or 0
+            subset, source = (train + val if train is not None else None), "SUBSET = its training images"
+        if subset is not None and subset > 0:
+            if images is not None and images != max(10, subset // 5):
+                raise Unreadable(f"the run was tested on {images:,} images, not the {max(10, subset // 5):,} "
+                                 f"{source} {subset:,} gives")
+            return subset, seed
+        if images is not None and images != full:
+            raise Unreadable(f"the run was tested on {images:,} images; {self.data_dir} holds {full:,} test images"
+                             f"{' (not all of CIFAR-10)' if full < 10_000 else ''}")
+        return None, 0
+
+    def check(self, path, member, record, manifest):
+        """(verified accuracy text, flags, hash of the weights or None) of one run's weights."""
+        import torch
+
+        try:
+            data = read_weights(path, member)
+        except Unreadable as err:
+            return "-", [f"weights refused: {err}"], None
+        try:
+            state = state_dict_of(data)
+        except Unreadable as err:
+            return "-", [f"weights refused: {member} {err}"], None
+        del data
+        key = weights_hash(state)
+        best = record.get("best_epoch")
+        field = "final_test_acc" if best is None else "test_acc_at_best_val"  # the weights handed in: see hand_in
+        claim = _number(record.get(field))
+        try:
+            config = record.get("config") if isinstance(record.get("config"), dict) else {}
+            model = H.make_model(**model_arguments(config))
+            misfit = _fit(model, state)
+            if misfit:
+                return "-", [f"weights refused: {member} does not fit the record's model "
+                             f"({_settings(config)['model']}): {misfit}"], key
+            subset, seed = self.test_split(record, manifest)
+            loader = self.loader(subset, seed)
+            model.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                acc = H.accuracy(H.predict(model.to(self.device), loader, device=self.device))
+        except Unreadable as err:
+            return "-", [f"weights not verified: {err}"], key
+        except Exception as err:  # noqa: BLE001 -- one run's weights never cost the class its table
+            return "-", [f"weights not verified: {type(err).__name__}: {text(str(err), 100)}"], key
+        n = len(loader.dataset)
+        if claim is None:
+            return f"{acc:.2f}", [f"weights not verified: the record claims no {field.replace('_', ' ')}"], key
+        if abs(acc - claim) > tolerance(n) + 1e-9:
+            return f"{acc:.2f}", [f"verified accuracy {acc:.2f}% differs from the claimed {claim:.2f}% "
+                                  f"({field.replace('_', ' ')}, {n:,} test images)"], key
+        return f"{acc:.2f}", [], key
+
+
+def make_verifier(data_dir, device="auto"):
+    """A Verifier, or ValueError saying why --verify cannot run here (checked before any hand-in is read)."""
+    import torch
+
+    major, minor = (int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+    if (major, minor) < (2, 6):
+        raise ValueError(f"--verify needs torch 2.6 or newer (torch.load's weights_only check, which keeps a "
+                         f"student's file from running code, could be bypassed before: CVE-2025-32434); this is "
+                         f"torch {torch.__version__}")
+    why = cifar_missing(data_dir)
+    if why:
+        raise ValueError(why)
+    verifier = Verifier(data_dir, device)  # ValueError for a device that is not there
+    try:
+        verifier.loader(None, 0)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--verify cannot read CIFAR-10's test split in {data_dir}: {text(str(err), 200)}") from None
+    return verifier
+
+
+def verify_report(verifier, rows):
+    """How long --verify took, per hand-in and in all, on this machine."""
+    from course.system import device_name
+
+    times = verifier.times
+    if not times:
+        return "--verify: no hand-in holds weights; nothing was evaluated"
+    total, runs = sum(t for t, _ in times.values()), sum(n for _, n in times.values())
+    lines = [f"  {text(rel, 60)}: {_plural(n, 'run')} in {t:.1f} s" for rel, (t, n) in times.items()]
+    flagged = sum(any(k in r["flags"] for k in ("differs from the claimed", "weights refused", "weights not verified",
+                                                 "same weights as")) for r in rows)
+    return "\n".join([f"--verify on {device_name(verifier.device)}: {_plural(runs, 'run')} in "
+                      f"{_plural(len(times), 'hand-in')}, {total / 60:.1f} min ({total / len(times):.1f} s a "
+                      f"hand-in, {total / runs:.1f} s a run); {_plural(flagged, 'row')} flagged by it", *lines])
+
+
 # ---- self-checks ------------------------------------------------------------------------------------------------
 
 _UNSET = object()
@@ -663,13 +932,14 @@ def _skipped_row(rel, flags):
             "file": text(rel.as_posix(), 120), "_rel": rel.as_posix(), "_identity": _identity(rel), "_number": None}
 
 
-def handin_rows(path, rel, assignment, notebooks):
-    """The rows of one hand-in zip, with what the class-wide checks need (identity, notebook number, run keys)."""
+def handin_rows(path, rel, assignment, notebooks, verifier=None):
+    """The rows of one hand-in zip, with what the class-wide checks need (identity, notebook number, run keys);
+    with a Verifier, each run's weights in the zip evaluated again."""
     folder = rel.parent.name if len(rel.parts) > 1 else None
     base = {"file": text(rel.as_posix(), 120), "_rel": rel.as_posix(), "_number": None, "_identity": _identity(rel)}
     fallback = text(folder or rel.stem)
     try:
-        manifest, records, problems = read_handin(path)
+        manifest, records, problems, weights = read_handin(path)
     except Unreadable as err:
         return [_skipped_row(rel, str(err))]
     manifest, more = clean_manifest(manifest)
@@ -704,6 +974,13 @@ def handin_rows(path, rel, assignment, notebooks):
               "answers": f"{len(given)}/{len(given) + len(missing)}" + (
                   f" (missing {text(', '.join(missing), 80)})" if missing else ""), "self-checks": checks}
     problems += check_flags
+    listed = [w for w in manifest.get("weights", []) if isinstance(w, str)] \
+        if isinstance(manifest.get("weights"), list) else []
+    if verifier:
+        results = {PurePosixPath(m).stem for m, _, _ in records}
+        orphans = [w for w in weights if PurePosixPath(w).stem not in results]
+        if orphans:
+            problems.append(f"weights without a results file, not verified: {text(', '.join(orphans), 80)}")
     rows = []
     for member, record, why in sorted(records, key=lambda r: r[0]):
         name = text(PurePosixPath(member).stem, 40)
@@ -723,9 +1000,22 @@ def handin_rows(path, rel, assignment, notebooks):
                      "lr": "-" if lr is None else f"{lr:.3g}", "scheduler": settings["scheduler"],
                      "final test acc %": _accuracy(record, "final_test_acc", run_flags),
                      "test acc at best val %": _accuracy(record, "test_acc_at_best_val", run_flags),
+                     "verified test acc %": "-",
                      "device": text(record.get("device") or "-"),
                      "wall time min": "-" if wall is None else f"{wall / 60:.1f}",
                      "_flags": run_flags, "_keys": fingerprints(record)})
+        if verifier:
+            stem = PurePosixPath(member).stem
+            rows[-1]["verified test acc %"] = "no weights"
+            if f"weights/{stem}.pt" in weights:
+                start = time.perf_counter()
+                verified, flags, key = verifier.check(path, f"weights/{stem}.pt", record, manifest)
+                spent = verifier.times.setdefault(rel.as_posix(), [0.0, 0])
+                spent[0], spent[1] = spent[0] + time.perf_counter() - start, spent[1] + 1
+                rows[-1].update({"verified test acc %": verified, "_weights": key})
+                run_flags += flags
+            elif stem in listed:
+                run_flags.append("weights missing (the manifest lists them)")
     present = {PurePosixPath(m).stem for m, _, _ in records}
     for run in dict.fromkeys(r for r in manifest["runs"] if r not in present):
         rows.append({**_blank_row(), **common, "run": text(run, 40),
@@ -748,10 +1038,12 @@ def _cross_checks(rows):
     for r in rows:
         if r.get("_number"):
             handins.setdefault((r["_identity"], r["_number"]), {})[r["_rel"]] = True
-    owners = {}
+    owners, weights = {}, {}
     for r in rows:
         for key in r.get("_keys", []):
             owners.setdefault(key, {})[r["_identity"]] = r
+        if r.get("_weights"):
+            weights.setdefault(r["_weights"], {}).setdefault(r["_identity"], r)
     for r in rows:
         files = list(handins.get((r["_identity"], r.get("_number")), {}))
         if len(files) > 1:
@@ -765,12 +1057,18 @@ def _cross_checks(rows):
             named = [f"{o['student']} ({text(o['_rel'], 40)})" for o in others.values()]
             r["_flags"].append("same run as " + ", ".join(named[:3]) + (f" and {len(named) - 3} more"
                                                                          if len(named) > 3 else ""))
+        same = [o for i, o in weights.get(r.get("_weights"), {}).items() if i != r["_identity"]]
+        if same:
+            named = [f"{o['student']} ({text(o['_rel'], 40)})" for o in same]
+            r["_flags"].append("same weights as " + ", ".join(named[:3]) + (f" and {len(named) - 3} more"
+                                                                             if len(named) > 3 else ""))
     for r in rows:
         r["flags"] = "; ".join(dict.fromkeys(r.pop("_flags"))) or "-"
 
 
-def collect(folder, assignment=None, notebooks=None):
-    """(rows with their private keys, notes): every hand-in under folder read and checked; nothing written."""
+def collect(folder, assignment=None, notebooks=None, verifier=None):
+    """(rows with their private keys, notes): every hand-in under folder read and checked; nothing written. With a
+    Verifier (--verify) each run's weights are evaluated again."""
     books = notebooks if isinstance(notebooks, Notebooks) else Notebooks(notebooks)
     assignment, notes = check_assignment(assignment or {}, books)
     found, macos = find_handins(folder)
@@ -780,7 +1078,7 @@ def collect(folder, assignment=None, notebooks=None):
             rows.append(_skipped_row(rel, skipped))
             continue
         try:
-            rows += handin_rows(path, rel, assignment, books)
+            rows += handin_rows(path, rel, assignment, books, verifier)
         except Exception as err:  # noqa: BLE001 -- a safety net: one file never costs the class its table
             rows.append(_skipped_row(rel, f"unreadable hand-in: {type(err).__name__}: {text(str(err), 80)}"))
     _cross_checks(rows)
@@ -795,7 +1093,8 @@ def collect(folder, assignment=None, notebooks=None):
 
 MARKS = {"QUICK": "Q", "edited by hand": "E", "no checksum": "E", "run not complete": "!", "settings differ": "S",
          "disagree": "D", "differs from its history": "D", "shorter than its epochs": "D", "same run as": "C",
-         "hand-ins of": "2", "impossible accuracy": "X", "self-check claim": "D"}
+         "hand-ins of": "2", "impossible accuracy": "X", "self-check claim": "D", "same weights as": "C",
+         "differs from the claimed": "V", "weights refused": "W", "weights not verified": "W", "weights missing": "W"}
 
 
 def _label(value, width=30):
@@ -863,8 +1162,9 @@ def figures(rows):
         ax.set_yticks(range(len(page_keys)), [_label(k, 48) for _, k in page_keys], fontsize=7)
         ax.set(xlabel="notebook and run", ylabel="student (hand-in)")
         ax.set_title(f"Class results{f', page {n}/{len(pages)}' if len(pages) > 1 else ''} (Q: QUICK, E: edited, "
-                     f"!: not complete, S: settings differ, D: disagrees, C: same run as another student, "
-                     f"2: two hand-ins, X: impossible)", fontsize=8, wrap=True)
+                     f"!: not complete, S: settings differ, D: disagrees, C: same run or weights as another "
+                     f"student, 2: two hand-ins, X: impossible, V: verified accuracy differs, W: weights not "
+                     f"verified)", fontsize=8, wrap=True)
         out.append(fig)
     return out
 
@@ -905,12 +1205,13 @@ def write_files(rows, out, notes=(), assignment_lines=()):
                                           encoding="utf-8")
 
 
-def class_results(folder, assignment=None, out=None, notebooks=None):
+def class_results(folder, assignment=None, out=None, notebooks=None, verifier=None):
     """Build the table, CSV and figure from every hand-in zip under folder; returns the rows (COLUMNS only).
-    AssignmentError if the assignment names an unknown notebook or parameter, before anything is read."""
+    AssignmentError if the assignment names an unknown notebook or parameter, before anything is read. verifier:
+    make_verifier(data_dir) to evaluate the weights in the zips again (--verify)."""
     folder = Path(folder)
     out = Path(out or folder)
-    rows, notes, lines = collect(folder, assignment, notebooks)
+    rows, notes, lines = collect(folder, assignment, notebooks, verifier)
     out.mkdir(parents=True, exist_ok=True)
     write_files(rows, out, notes, lines)
     return [{c: r[c] for c in COLUMNS} for r in rows]
@@ -921,6 +1222,11 @@ def main(argv=None):
     ap.add_argument("folder", type=Path, help="the folder holding the students' hand-in zips")
     ap.add_argument("--assignment", type=Path, help='JSON: settings of the assignment, e.g. {"03": {"EPOCHS": 10}}')
     ap.add_argument("--out", type=Path, help="where to write class_results.* (default: the folder)")
+    ap.add_argument("--verify", action="store_true", help="evaluate the weights in the zips again on CIFAR-10's test "
+                    "split and compare with the accuracy claimed (about 2 min a ResNet18 run on a 2-core CPU)")
+    ap.add_argument("--data", type=Path, default=ROOT / "data", help="--verify: the folder holding "
+                    "cifar-10-batches-py (default: the checkout's data/, where the notebooks keep it)")
+    ap.add_argument("--device", default="auto", help="--verify: auto (cuda, then mps, then cpu), cpu, cuda, ...")
     a = ap.parse_args(argv)
     if not a.folder.is_dir():
         ap.error(f"no such folder: {a.folder}")
@@ -931,7 +1237,14 @@ def main(argv=None):
     except AssignmentError as err:
         print(f"class_results: {a.assignment}: {err}. Nothing was read.", file=sys.stderr)
         return 2
-    rows, notes, lines = collect(a.folder, assignment, books)
+    verifier = None
+    if a.verify:
+        try:
+            verifier = make_verifier(a.data, a.device)
+        except ValueError as err:
+            print(f"class_results: {err}. Nothing was read.", file=sys.stderr)
+            return 2
+    rows, notes, lines = collect(a.folder, assignment, books, verifier)
     out = a.out or a.folder
     out.mkdir(parents=True, exist_ok=True)
     write_files(rows, out, notes, lines)
@@ -940,6 +1253,8 @@ def main(argv=None):
     print(f"{len(rows)} rows from {len({r['_identity'] for r in rows})} students, "
           f"{sum(r['flags'] != '-' for r in rows)} flagged: {out / 'class_results.md'}, class_results.csv, "
           f"class_results.png")
+    if verifier:
+        print(verify_report(verifier, rows))
     return 0
 
 
