@@ -78,11 +78,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 def load_cifar10(root="data", train=True, download=False, subset=None, seed=0):
-    """CIFAR-10 from root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]) (01).
-
-    The batch files are read directly (torchvision's md5 check refuses any re-encoded copy), and checked: only plain
-    data is unpickled, pixels must be uint8 and labels 0-9.
-    """
+    """CIFAR-10's python batches in root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]), checked (01)."""
     folder = Path(root) / "cifar-10-batches-py"
     names = tuple(f"data_batch_{i}" for i in range(1, 6)) if train else ("test_batch",)
     missing = [n for n in names if not (folder / n).is_file()]
@@ -143,10 +139,7 @@ AUGMENT = {"crop": True, "flip": True, "cutout": 0, "rotate": 0}  # pad-4 crop +
 
 
 def make_transforms(aug=None, train=True, normalize=True, preview=False, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """An albumentations 2.x pipeline from an AUGMENT dict; the test pipeline only normalises (01).
-
-    preview=True applies every chosen augmentation with probability 1 (for figures).
-    """
+    """An albumentations 2.x pipeline from an AUGMENT dict; test: only Normalize; preview: every step fires (01)."""
     aug = check_augment(aug)
     p = 1.0 if preview else 0.5
     fill = tuple(255.0 * m for m in mean)  # the dataset mean in pixel space (before Normalize)
@@ -263,10 +256,7 @@ class CifarLoaders:
 
 def make_data(data_dir="data", aug=None, batch_size=512, val_fraction=0.1, subset=None, seed=0,
               num_workers="auto", device="auto", download=True):
-    """Train (augmented), validation (carved from train) and test loaders for CIFAR-10 (03-06).
-
-    download: fetch CIFAR-10 (170 MB) into data_dir when it is missing (needs internet).
-    """
+    """Train (augmented), validation (carved from train) and test loaders; fetches CIFAR-10 if missing (03-06)."""
     x, y = load_cifar10(data_dir, train=True, download=download, subset=subset, seed=seed)
     xt, yt = load_test_split(data_dir, subset=subset, seed=seed, download=download)
     tr, va = train_val_split(y, val_fraction, seed=seed)
@@ -707,11 +697,9 @@ TRAIN_LOSS_LIMIT = 20 * UNIFORM_LOSS
 
 
 def check_epoch(row, model):
-    """Raise Diverged if an epoch shows that training broke down: a loss NaN or infinite, exploded, or bad weights (03).
+    """Raise Diverged if an epoch's loss is NaN, infinite or exploded, or its weights are not finite (03).
 
-    A finite evaluation loss is never judged by its size: eval-mode BatchNorm, whose running statistics lag the
-    weights, gives huge validation losses early in healthy runs (3e4 after 9 steps on 200 images, measured).
-    """
+    A finite evaluation loss is never judged by its size: eval-mode BatchNorm gives huge ones early in healthy runs."""
     for key in ("train_loss", "val_loss", "test_loss"):
         if row.get(key) is not None and not math.isfinite(row[key]):
             raise Diverged(f"in epoch {row['epoch']} the {key.replace('_', ' ')} is {row[key]}")
@@ -724,13 +712,10 @@ def check_epoch(row, model):
 
 def fit(model, data, optimizer, scheduler=None, criterion=None, epochs=20, run=None, monitor="val_acc", amp=True,
         channels_last=True, device="auto", progress=True):
-    """Train for `epochs` epochs: the loop 03 writes by hand, evaluated on validation and test after each (03-06).
+    """The loop 03 writes by hand, for `epochs` epochs, evaluated on validation and test after each (03-06).
 
-    run=None trains in memory and writes nothing. A course run (`ws.run(name)`) is told when training begins, after
-    every epoch and at the end: it resumes an interrupted run, loads a finished one, checkpoints every epoch, leaves
-    the best weights (on the validation split) in the model and writes the results file. Returns summarize(history)
-    (with a run: its results record). monitor: what ReduceLROnPlateau watches, and what "best" means.
-    """
+    run=None: in memory, nothing written; returns summarize(history). run=ws.run(name) is told when training begins,
+    after every epoch and at the end (resume, checkpoints, best weights, results record), and its record returned."""
     device = get_device(device)
     _choice(monitor, ("val_acc", "val_loss"), "monitor (the test set is never used to choose)")
     unit = step_unit(scheduler)
@@ -1001,10 +986,7 @@ def plot_per_class(metrics, classes=CLASSES):
 
 
 def plot_cams(images, maps, row_titles, titles=None, alpha=0.5, per_row=5, suptitle=""):
-    """Images with one row of Grad-CAM overlays per entry of maps ([N, H, W] each), at most per_row images a group (07).
-
-    A single image is laid out in one row: the image, then each map titled by row_titles.
-    """
+    """Images, then a row of overlays per entry of maps ([N, H, W]), per_row images a group; one image: one row (07)."""
     single = len(images) == 1
     groups = [range(i, min(i + per_row, len(images))) for i in range(0, len(images), per_row)]
     per_group = len(maps) + 1
