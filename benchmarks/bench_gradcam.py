@@ -24,19 +24,22 @@ import helpers as H  # noqa: E402
 from course.system import device_name, versions  # noqa: E402
 
 
-def timed(fn, repeats):
-    """Median seconds of fn() over repeats runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def timed(fns, repeats):
+    """Median seconds of each fn() over repeats runs, after one warm-up each; the fns alternate, so a slow spell of
+    the machine (another job) hits them alike."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main():
@@ -68,8 +71,8 @@ def main():
         with ours_cls(model, layer) as ours, getattr(pytorch_grad_cam, ref_name)(model, [layer]) as ref:
             ref_targets = [ClassifierOutputTarget(t) for t in targets]
             diff = np.abs(ours(x, targets).numpy() - ref(x, ref_targets)).max()
-            t_ours = timed(lambda: ours(x, targets), a.repeats)
-            t_ref = timed(lambda: ref(x, [ClassifierOutputTarget(t) for t in targets]), a.repeats)
+            t_ours, t_ref = timed([lambda: ours(x, targets),
+                                   lambda: ref(x, [ClassifierOutputTarget(t) for t in targets])], a.repeats)
         rows[ref_name] = {"ours_ms": 1e3 * t_ours, "pytorch_grad_cam_ms": 1e3 * t_ref,
                           "ratio_ref_over_ours": t_ref / t_ours, "max_abs_diff": float(diff)}
     hw = device_name(device)
