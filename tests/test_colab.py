@@ -1,6 +1,5 @@
-"""The course on Colab: the setup cell's three failure messages and scripts/set_repo_url.py on a copy of the
-checkout. Colab is faked; /content and Drive are temporary folders. The Drive workspace's rules are in
-test_course_workspace.py."""
+"""scripts/set_repo_url.py on a copy of the checkout: the address and tag in every notebook, badge and README. The
+setup cell's messages are in test_setup_cell.py, the Drive workspace's rules in test_course_workspace.py."""
 
 import shutil
 import subprocess
@@ -9,63 +8,8 @@ import sys
 import nbformat
 import pytest
 from conftest import ROOT
-from nbclient.exceptions import CellExecutionError
-from student import fake_colab
 
 NOTEBOOKS = ROOT / "notebooks"
-
-
-def setup_cell_alone(tmp_path, env, **lines):
-    """Run only the setup cell of a notebook copied where no course code is (a download, or Colab's fresh runtime)."""
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOKS / "01_data_exploration.ipynb", as_version=4)
-    setup = next(c for c in nb.cells if c.cell_type == "code")
-    for old, new in lines.items():
-        assert old in setup.source
-        setup.source = setup.source.replace(old, new)
-    nb.cells = [setup]
-    lone = tmp_path / "downloads"
-    lone.mkdir(exist_ok=True)
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(lone)}})
-    with pytest.raises(CellExecutionError) as err:
-        client.execute(env=env)
-    assert err.value.ename == "SystemExit", err.value  # one message, no cascade of NameErrors
-    return err.value.evalue  # the message alone, not the cell's source
-
-
-def test_on_a_laptop_without_the_course_the_setup_cell_says_how_to_get_it(tmp_path):
-    message = setup_cell_alone(tmp_path, {**fake_colab(tmp_path)[0], "PYTHONPATH": ""})  # no google.colab
-    assert "git clone the course's repository" in message and "pip install -r requirements.txt" in message
-    assert "notebooks/ folder" in message and "Teacher" not in message
-
-
-def test_on_colab_with_the_placeholder_address_the_setup_cell_names_the_teachers_step(tmp_path):
-    env, content = fake_colab(tmp_path)
-    message = setup_cell_alone(tmp_path, env)
-    assert "Teacher: run scripts/set_repo_url.py" in message and "Student: open the notebook from the link" in message
-    assert not (content / "course").exists()  # nothing cloned
-
-
-@pytest.mark.parametrize("case", ["no such repository", "no such tag"])
-def test_on_colab_a_failed_clone_quotes_git(tmp_path, case):
-    env, content = fake_colab(tmp_path)
-    repo = tmp_path / "remote.git"
-    if case == "no such tag":  # a real repository without the tag asked for
-        subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
-        work = tmp_path / "work"
-        subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
-        (work / "README.md").write_text("course\n")
-        for args in (["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"],
-                     ["push", "-q", "origin", "HEAD"]):
-            subprocess.run(["git", "-C", str(work), *args], check=True, capture_output=True)
-    url = f"file://{repo}"
-    message = setup_cell_alone(tmp_path, env, **{
-        '"https://github.com/YOUR-ORG/resnet-cifar10-gradcam", "main"': f'"{url}", "v9.9"'})
-    assert f"Could not fetch the course ({url} at v9.9); git said: fatal: " in message
-    assert ("does not appear to be a git repository" in message or "does not exist" in message) if case == \
-        "no such repository" else "v9.9 not found" in message
-    assert "Teacher: check the address and the tag" in message and "internet" in message
 
 
 def test_set_repo_url_rewrites_every_notebook_and_readme(tmp_path):
