@@ -29,7 +29,7 @@ FIGURES = {  # what each notebook must save (more is fine)
     "04": {"04_history_steplr_cropflip.png", "04_history_steplr_cutout.png", "04_compare.png"},
     "05": {"05_history.png", "05_lr_schedule.png"},
     "06": {"06_grid.png", "06_test_curves.png", "06_final_history.png"},
-    "07": {"07_misclassified_4.png", "07_misclassified_8.png", "07_gradcam_layer2.png", "07_gradcam_layer3.png",
+    "07": {"07_misclassified.png", "07_gradcam_layer2.png", "07_gradcam_layer3.png",
            "07_gradcam_layers.png", "07_sanity_check.png", "07_gradcam_vs_plusplus.png", "07_one_mistake.png",
            "07_confusion.png", "07_confusion_normalized.png", "07_per_class.png"},
 }
