@@ -35,6 +35,7 @@ RULES = {
     "FINAL_LR": ("float", 1e-6, 10.0, False), "RESNET50_LR": ("float", 1e-6, 10.0, False),
     "LINEAR_END_LR": ("float", 1e-5, 100.0, False), "LINEAR_DIVERGE_TH": ("float", 1.0, 1e300, False),
     "N_PREVIEW": ("int", 1, 50, False), "PER_CLASS": ("int", 1, 50, False), "N_COMPARE": ("int", 1, 50, False),
+    "N_GALLERY": ("int", 1, 100, False),
     "LAST_STRIDE": ("choice", (1, 2), None, False), "RUN_VGG16": ("bool", 0, 1, False),
     "PHOTO_URL": ("text", 0, 0, False), "GALLERY_SIZES": ("ints", 1, 100, False),
     "GRID_MODELS": ("choices", tuple(H.MODELS), None, False), "GRID_NORMS": ("choices", H.NORMS, None, False),
