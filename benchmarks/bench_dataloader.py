@@ -11,6 +11,7 @@ A JSON record goes to benchmarks/results/.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="alternate the pipelines this many times; best kept")
     ap.add_argument("--gpu-loader-device", default="auto", help="device for the batched device-side augmentation")
     a = ap.parse_args()
+    load_before = os.getloadavg()  # the machine may be shared: what else ran is part of the record
     x, y = H.load_cifar10(a.data_dir)
     need = a.batch_size * (a.batches + 3)
     x, y = x[: max(need, 1)], y[: max(need, 1)]
@@ -111,7 +113,8 @@ def main():
     print(f"ratio albumentations / torchvision: {ratio:.2f}x")
     record = {"benchmark": "dataloader", "machine": hw, "batch_size": a.batch_size, "workers": a.workers,
               "batches": a.batches, "images_per_s": best, "all_runs": results, "ratio_ours_over_torchvision": ratio,
-              "batched_device": str(gpu_dev), "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "batched_device": str(gpu_dev), "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}}
     write_record(record, f"dataloader_{gpu_dev.type}.json")
 
 

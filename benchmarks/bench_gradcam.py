@@ -8,6 +8,7 @@ checks the two agree, and writes a JSON record to benchmarks/results/.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    load_before = os.getloadavg()  # the machine may be shared: what else ran is part of the record
     device = H.get_device(a.device)
     torch.manual_seed(0)
     if a.checkpoint:
@@ -83,6 +85,7 @@ def main():
               f"{r['max_abs_diff']:>11.1e}")
     record = {"benchmark": "gradcam", "machine": hw, "images": a.images, "layer": a.layer, "repeats": a.repeats,
               "checkpoint": a.checkpoint, "results": rows, "versions": versions(),
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_record(record, f"gradcam_{device.type}_{a.layer}.json")
 
