@@ -30,7 +30,7 @@ def fake_colab(root, data=None):
     (package / "drive.py").write_text(
         "import os\n\ndef mount(mountpoint, **kwargs):\n"
         "    os.makedirs(os.path.join(mountpoint, 'MyDrive'), exist_ok=True)\n"
-        "    print('[fake] mounted', mountpoint)\n")
+        "    print('[fake] Drive mounted')\n")
     (package.parents[1] / "sitecustomize.py").write_text("import google.colab  # noqa: F401 (Colab imports it)\n")
     content = root / "content"
     content.mkdir(exist_ok=True)
