@@ -144,3 +144,22 @@ class NanAfter(Tiny):
         self.steps += self.training
         out = super().forward(x)
         return out * float("nan") if self.training != self.in_eval and self.steps > self.good else out
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward: the step poisons the weights, the loss that step was fine."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class PoisonedStep(Tiny):
+    """A Tiny whose every training step poisons the weights with NaN (the step's own loss is finite)."""
+
+    def forward(self, x):
+        return NanGrad.apply(super().forward(x)) if self.training else super().forward(x)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, Frozen, NanAfter, Tiny, make_workspace
+from conftest import ROOT, Frozen, NanAfter, PoisonedStep, Tiny, make_workspace
 
 import course
 import helpers as H
@@ -315,23 +315,6 @@ def test_nan_only_in_evaluation_stops_the_run_and_keeps_the_epoch_before(ws, dat
     rec = ws.results()["run"]
     assert rec["status"] == "diverged" and rec["epochs_run"] == 1 and np.isfinite(rec["history"]["val_loss"]).all()
     assert epochs_in(ws.outputs / "checkpoints" / "run_last.pt") == 1
-
-
-class NanGrad(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: the step poisons the weights, the loss that step was fine."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class PoisonedStep(Tiny):
-    def forward(self, x):
-        return NanGrad.apply(super().forward(x)) if self.training else super().forward(x)
 
 
 def test_one_step_per_epoch_whose_step_poisons_the_weights_is_stopped(ws, fake_cifar):

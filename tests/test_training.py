@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import Frozen, NanAfter, Tiny
+from conftest import Frozen, NanAfter, PoisonedStep, Tiny
 
 import helpers as H
 
@@ -144,23 +144,6 @@ def test_a_nan_training_loss_stops_at_its_step(data):
 def test_a_nan_only_in_evaluation_stops_the_run(data):
     with pytest.raises(H.Diverged, match=r"in epoch 2 the val loss is nan"):
         run(NanAfter(good=len(data.train), in_eval=True, width=8), data, epochs=3)
-
-
-class NanGrad(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: the step poisons the weights, the loss that step was fine."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class PoisonedStep(Tiny):
-    def forward(self, x):
-        return NanGrad.apply(super().forward(x)) if self.training else super().forward(x)
 
 
 def test_one_step_per_epoch_whose_step_poisons_the_weights_is_stopped(fake_cifar):
