@@ -845,15 +845,17 @@ def plot_class_counts(train_labels, test_labels, classes=CLASSES):
     return fig
 
 
-def plot_images(rows, row_titles=None, titles=None, suptitle=""):
-    """A grid of images (rows of uint8/float HWC or normalised CHW), pixels drawn as pixels (01, 07)."""
+def plot_images(rows, row_titles=None, titles=None, suptitle="", size=None):
+    """A grid of images (rows of uint8/float HWC or normalised CHW), pixels drawn as pixels; titles: per row, a list
+    of per-image titles or None (01, 07)."""
     n_rows = len(rows)
-    fig, axes = _image_grid(n_rows, max(len(r) for r in rows), size=1.3 if titles is None else 1.9,
-                            title_rows=range(n_rows) if titles is not None else ())
+    title_rows = [r for r in range(n_rows) if titles is not None and titles[r] is not None]
+    fig, axes = _image_grid(n_rows, max(len(r) for r in rows), title_rows=title_rows,
+                            size=size or (1.3 if titles is None else 1.9))
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             axes[r, c].imshow(to_display(image), interpolation="nearest")
-            if titles is not None:
+            if r in title_rows:
                 axes[r, c].set_title(titles[r][c], fontsize=9)
         if row_titles:
             axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
@@ -971,34 +973,24 @@ def plot_per_class(metrics, classes=CLASSES):
 
 def plot_cams(images, maps, row_titles, titles=None, alpha=0.5, per_row=5, suptitle=""):
     """Images, then a row of overlays per entry of maps ([N, H, W]), per_row images a group; one image: one row (07)."""
-    single = len(images) == 1
-    groups = [range(i, min(i + per_row, len(images))) for i in range(0, len(images), per_row)]
-    per_group = len(maps) + 1
-    if single:
-        fig, axes = _image_grid(1, per_group, size=2.2, title_rows=(0,))
+    shown = [to_display(image) for image in images]
+    overlays = [[overlay_cam(image, m[i], alpha) for i, image in enumerate(shown)] for m in maps]
+    if len(shown) == 1:  # the mistake explorer: the image and its maps side by side, each panel titled
+        fig = plot_images([[shown[0], *(o[0] for o in overlays)]], titles=[[titles[0] if titles else "", *row_titles]],
+                          suptitle=suptitle, size=2.2)
+        shrink = 0.8
     else:
-        fig, axes = _image_grid(len(groups) * per_group, min(per_row, len(images)),
-                                title_rows={g * per_group for g in range(len(groups))} if titles is not None else ())
-    for g, idx in enumerate(groups):
-        top = g * per_group
-        for c, i in enumerate(idx):
-            img = to_display(images[i])
-            cells = list(axes[0]) if single else [axes[top + r, c] for r in range(per_group)]
-            cells[0].imshow(img, interpolation="nearest")
-            if titles is not None:
-                cells[0].set_title(titles[i], fontsize=9)
-            for ax, m in zip(cells[1:], maps):
-                ax.imshow(overlay_cam(img, m[i], alpha), interpolation="bilinear")
-        for r, name in enumerate(["image", *row_titles]):
-            if single:
-                axes[0, r].set_xlabel(name, fontsize=9)
-            else:
-                axes[top + r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        rows, names, heads = [], [], []
+        for s in range(0, len(shown), per_row):
+            rows += [shown[s:s + per_row], *(o[s:s + per_row] for o in overlays)]
+            names += ["image", *row_titles]
+            heads += [titles[s:s + per_row] if titles is not None else None] + [None] * len(maps)
+        fig = plot_images(rows, names, heads, suptitle, size=1.7)
+        shrink = min(0.6, 4.0 / len(rows))
     if maps:
         heat = plt.cm.ScalarMappable(cmap="jet", norm=matplotlib.colors.Normalize(0, 1))
-        fig.colorbar(heat, ax=axes, shrink=0.8 if single else min(0.6, 4.0 / len(axes)), aspect=25,
+        fig.colorbar(heat, ax=fig.axes, shrink=shrink, aspect=25,
                      label="map value (0: none, 1: strongest)")
-    fig.suptitle(suptitle, fontsize=11)
     return fig
 
 
