@@ -846,8 +846,7 @@ def plot_class_counts(train_labels, test_labels, classes=CLASSES):
 
 
 def plot_images(rows, row_titles=None, titles=None, suptitle="", size=None):
-    """A grid of images (rows of uint8/float HWC or normalised CHW), pixels drawn as pixels; titles: per row, a list
-    of per-image titles or None (01, 07)."""
+    """A grid of images (rows of HWC or normalised CHW), pixels as pixels; titles: per row, a list or None (01, 07)."""
     n_rows = len(rows)
     title_rows = [r for r in range(n_rows) if titles is not None and titles[r] is not None]
     fig, axes = _image_grid(n_rows, max(len(r) for r in rows), title_rows=title_rows,
