@@ -1104,6 +1104,19 @@ def map_correlation(a, b):
         return np.array([spearmanr(np.ravel(x), np.ravel(y)).statistic for x, y in zip(a, b)], dtype=float)
 
 
+def mean_activation(model, images, layer="layer3"):
+    """Where a layer is active at all, whatever the class: its channel mean, upsampled to the images' size (07)."""
+    store = {}
+    handle = _layer(model, layer).register_forward_hook(lambda module, inputs, output: store.update(A=output.detach()))
+    try:
+        with torch.no_grad():
+            model(images.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    mean = store["A"].float().mean(1, keepdim=True)  # (N, 1, h, w)
+    return F.interpolate(mean, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
+
+
 def overlay_cam(image, cam, alpha=0.5, cmap="jet"):
     """Blend a [0, 1] heatmap (matplotlib colormap, RGB) onto a float RGB image in [0, 1] (07)."""
     image = np.asarray(image, dtype=np.float32)

@@ -1,5 +1,6 @@
 """Grad-CAM and Grad-CAM++: an independent oracle, hooks, in-place ReLU, localisation, sanity checks."""
 
+import copy
 import gc
 
 import numpy as np
@@ -310,3 +311,16 @@ def test_non_spatial_layers_and_inference_mode_are_refused_clearly():
         with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
             cam(x)
         assert cam(x).shape == (1, 32, 32)  # outside the block it works
+
+
+def test_mean_activation_is_the_layers_channel_mean_upsampled(scaled_resnet18):
+    """07's 'where the layer is active at all': layer3's channel mean, by the model's own stages, at image size."""
+    model, x = copy.deepcopy(scaled_resnet18).eval(), torch.randn(3, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = H.mean_activation(model, x, "layer3")
+    with torch.no_grad():
+        a = model.layer3(model.layer2(model.layer1(F.relu(model.norm1(model.conv1(x))))))  # (3, 256, 8, 8)
+    expected = F.interpolate(a.mean(1, keepdim=True), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert got.shape == (3, 32, 32) and torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, H.mean_activation(model, x, "layer2"), atol=1e-3)  # the layer asked for
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and not model.layer3._forward_hooks
