@@ -29,7 +29,7 @@ from gpu_loader import GPULoader  # noqa: E402  (same folder)
 
 import course  # noqa: E402
 import helpers as H  # noqa: E402
-from course.system import device_name, versions  # noqa: E402
+from course.system import data_files, device_name, versions  # noqa: E402
 
 TARGETS = (90.0, 93.0, 94.0)
 
@@ -134,7 +134,7 @@ def main():
     hw = device_name(device)
     record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
               "configs": {"recipe": recipe, "baseline": baseline}, "versions": versions(),
-              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "data_files": data_files(a.data_dir), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.quick:
         rows = {}
         for name, cfg in (("recipe", recipe), ("baseline", baseline)):

@@ -9,7 +9,7 @@ Each file says what it keeps safe:
     runs.py       a run's lock, checkpoints, resume, settings and results record
     files.py      writes that are whole or absent, the lock file, damaged files set aside
     handin.py     self-checks and the hand-in zip
-    system.py     hardware and versions for the records
+    system.py     hardware, versions and data files for the records
 """
 
 from .files import RunBusy, WriteFailed, set_aside

@@ -24,7 +24,7 @@ import helpers as H
 
 from .checks import check_lr, check_name
 from .files import RunLock, _pid_alive, load_checkpoint, mb, move_to_archive, save_checkpoint, write_json
-from .system import device_name, versions
+from .system import data_files, device_name, versions
 
 
 class StaleRun(RuntimeError):
@@ -229,8 +229,8 @@ def _set_rng_state(state):
 class Run:
     """One run's files while H.fit trains it; fit calls begin, end_epoch after every epoch, and finish."""
 
-    def __init__(self, outputs, name, quick=False, start_over=False, config=None, shown=str):
-        self.name, self.shown = check_name(name), shown  # shown: a path as the student finds it in the workspace
+    def __init__(self, outputs, name, quick=False, start_over=False, config=None, shown=str, data_dir=None):
+        self.name, self.shown, self.data_dir = check_name(name), shown, data_dir  # shown: a path as the student sees it
         self.outputs, self.quick, self.start_over, self.config = Path(outputs), quick, start_over, config or {}
         d = self.outputs / "checkpoints"
         self.paths = {"dir": d, "last": d / f"{name}_last.pt", "prev": d / f"{name}_prev.pt",
@@ -248,6 +248,7 @@ class Run:
             check_lr(group.get("max_lr", group["lr"]), "the learning rate the optimizer and scheduler were built with")
         self.epochs, self.monitor, self.params = epochs, monitor, H.count_params(model)
         self.device, self.t_start, self.spent = device_name(next(model.parameters()).device), time.perf_counter(), 0.0
+        self.data_files = data_files(self.data_dir) if self.data_dir else None  # accuracies differ between copies
         self.paths["dir"].mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # before anything is read or written
         self._remove_my_leftovers()
@@ -387,7 +388,8 @@ class Run:
                        test_acc_at_best_val=test[best - 1] if best and len(test) >= best else None)
         record = {"experiment": self.name, "run_id": self.run_id, "status": status, "quick": self.quick,
                   "config": self.settings, "params": self.params, **extra, **summary, "device": self.device,
-                  "versions": versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "data_files": self.data_files, "versions": versions(),
+                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         record["checksum"] = record_checksum(record)
         write_json(self.paths["results"], record)
         self.record = record

@@ -1,4 +1,4 @@
-"""The hardware and library versions every results file and hand-in records."""
+"""The hardware, library versions and data files every results file and hand-in records."""
 
 import contextlib
 import os
@@ -39,3 +39,15 @@ def versions():
             out[pkg] = "not installed"
     out["cuda"] = torch.version.cuda or "none"
     return out
+
+
+def data_files(data_dir):
+    """Which CIFAR-10 files a run read: the official ones (torchvision's md5 of every batch), another copy, or None."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder, names = Path(data_dir) / "cifar-10-batches-py", CIFAR10.train_list + CIFAR10.test_list
+    if not all((folder / name).is_file() for name, _ in names):
+        return None
+    official = all(check_integrity(str(folder / name), md5) for name, md5 in names)
+    return "the official CIFAR-10 files" if official else "a copy of CIFAR-10 that is not the official files"

@@ -147,7 +147,8 @@ class Workspace:
 
     def run(self, name, config=None):
         """A run for H.fit(..., run=ws.run(name)): checkpoints, resume and a results file in this workspace."""
-        return Run(self.outputs, name, quick=self.quick, start_over=self.start_over, config=config, shown=self.shown)
+        return Run(self.outputs, name, quick=self.quick, start_over=self.start_over, config=config, shown=self.shown,
+                   data_dir=self.data_dir)
 
     def results(self):
         """Every run's results record in this workspace, by name."""

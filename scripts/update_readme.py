@@ -38,7 +38,8 @@ def expected(output_dir):
             sched = cfg.get("scheduler") if isinstance(cfg.get("scheduler"), dict) else {}
             out[name] = (f"{rec['final_test_acc']:.2f}% test accuracy ({model.get('name', '?')} "
                          f"{model.get('norm', '')}, {sched.get('name', '?')}, {rec['epochs_run']} epochs at batch "
-                         f"{_batch(cfg)}; {rec['wall_time_s'] / 60:.0f} min on {rec['device']})")
+                         f"{_batch(cfg)}; {rec['wall_time_s'] / 60:.0f} min on {rec['device']}"
+                         + (f"; data: {rec['data_files']})" if rec.get("data_files") else ")"))
     return out
 
 

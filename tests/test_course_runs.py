@@ -3,6 +3,7 @@ SIGKILL too), a finished run loaded not retrained, changed settings refused, a r
 stopped, the best checkpoint repaired, damaged files, the model rebuilt from its checkpoint, and the results records
 and table (old, bad and doubled files)."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -79,11 +80,32 @@ def test_a_run_writes_its_record_and_returns_it(ws, data):
     assert rec["checksum"] == course.record_checksum(rec)
     assert course.record_checksum({**rec, "final_test_acc": 99.9}) != rec["checksum"]  # an edited number shows
     assert rec["params"] == H.count_params(Tiny()) and rec["device"].startswith("CPU") and not rec["quick"]
+    assert rec["data_files"] == "a copy of CIFAR-10 that is not the official files"  # synthetic batches
     summary = H.summarize(h)
     for key in ("final_train_acc", "final_test_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val"):
         assert rec[key] == summary[key], key
     assert rec["config"]["epochs"] == 3 and rec["config"]["model"] == {"class": "Tiny", "params": rec["params"]}
     assert tree(ws.outputs) == ["checkpoints/run_best.pt", "results/run.json"]
+
+
+def test_a_record_says_whether_it_read_the_official_files(ws, data, tmp_path, fake_cifar, monkeypatch):
+    """Accuracies on a re-encoded copy (the JPEG-decoded one of ../shared) differ from the official files'."""
+    from torchvision.datasets import CIFAR10
+
+    from course.system import data_files
+
+    assert data_files(tmp_path / "nowhere") is None
+    folder = fake_cifar / "cifar-10-batches-py"
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
+    assert data_files(fake_cifar) == "the official CIFAR-10 files"  # torchvision's md5 of every batch matches
+    rec = train(ws, Tiny(), data, epochs=1)
+    assert rec["data_files"] == "the official CIFAR-10 files"
+    line = _update_readme().expected(ws.outputs)["run"]
+    assert line.endswith("; data: the official CIFAR-10 files)")
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", "0" * 32]])  # one file differs
+    assert data_files(fake_cifar) == "a copy of CIFAR-10 that is not the official files"
 
 
 def test_checkpoints_every_epoch_then_only_the_best_weights(ws, data, monkeypatch, capsys):
@@ -511,10 +533,15 @@ def test_two_files_naming_one_experiment_are_flagged(tmp_path):
     assert runs["r"]["final_test_acc"] == 50.0
 
 
-def test_update_readme_replaces_only_the_marked_table(tmp_path):
+def _update_readme():
     spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_update_readme_replaces_only_the_marked_table(tmp_path):
+    script = _update_readme()
     save(record("r", 1, 1, 50.0), tmp_path / "results")
     save(record("q", 1, 1, 20.0, quick=True), tmp_path / "results")
     readme = tmp_path / "README.md"
