@@ -55,6 +55,11 @@ final test acc differs from its history / wall time shorter than its epochs / ep
 history: a summary number contradicts the per-epoch history it was computed from. It proves an edit (or a damaged
 file); a history edited to agree is not caught. impossible accuracy: NaN, infinite or outside 0-100: shown as "-".
 
+data: a copy of CIFAR-10 that is not the official files: the record says its batch files were not the official
+ones (torchvision's md5, course.system.data_files). Its accuracy may differ from runs on the official files (a
+re-encoded copy loses detail; README, Benchmarks). It proves nothing about the work. Older records, without the
+field, are not flagged.
+
 run not complete / results file missing / run missing / no training run handed in: the run did not finish, a run
 the manifest lists has no results file in the zip, or a training notebook (03-06) came with no run at all.
 
@@ -589,6 +594,8 @@ def run_checks(record, manifest, number):
         flags.append("record edited by hand")
     if record.get("status") != "complete":
         flags.append(f"run not complete ({text(record.get('status'), 20)})")
+    if record.get("data_files") not in (None, "the official CIFAR-10 files"):
+        flags.append(f"data: {text(record.get('data_files'), 60)}")
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     settings, params = _settings(config), manifest["parameters"]
     claims = {k: v for k, v in (("manifest", manifest.get("quick")), ("record", record.get("quick")),

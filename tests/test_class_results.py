@@ -491,6 +491,8 @@ def test_edited_numbers_disagree_with_what_the_record_itself_shows(tmp_path):
     recs = {who: edited(record(epochs=20, seed=i), **fields) for i, (who, fields) in enumerate(cases.items())}
     recs["hand"] = {**record(epochs=20, seed=9), "final_test_acc": 95.0}  # edited, the checksum left as it was
     recs["honest"] = record(epochs=20, seed=10)
+    recs["official"] = record(epochs=20, seed=11, data_files="the official CIFAR-10 files")
+    recs["jpeg"] = record(epochs=20, seed=12, data_files="a copy of CIFAR-10 that is not the official files")
     for who, rec in recs.items():
         handin(tmp_path / who / "03.zip", manifest("03", who, params={"CLASS_BUDGET": True, "N_SEEDS": 1},
                                                    runs=[rec["experiment"]]), [rec])
@@ -505,7 +507,8 @@ def test_edited_numbers_disagree_with_what_the_record_itself_shows(tmp_path):
     assert rows["quick"] == "QUICK run; manifest and record disagree: quick (manifest false, record true, config " \
                             "false); manifest and record disagree: marked QUICK but trained on 45000 images"
     assert rows["hand"].startswith("record edited by hand; final test acc differs from its history (95; last epoch")
-    assert rows["honest"] == "-"
+    assert rows["honest"] == rows["official"] == "-"  # a record from before the field, and one on the official files
+    assert rows["jpeg"] == "data: a copy of CIFAR-10 that is not the official files"
 
 
 def test_one_run_under_two_students_is_flagged_on_both(tmp_path):

@@ -150,8 +150,9 @@ def test_class_results_table_flags_quick_edited_incomplete_and_changed_runs(hand
     assignment = tmp_path / "assignment.json"
     assignment.write_text(json.dumps({"03": {"EPOCHS": 1, "SUBSET": 500, "BATCH_SIZE": 32, "N_SEEDS": 1}}))
     rows = script("class_results").class_results(handins, json.loads(assignment.read_text()), tmp_path / "again")
-    assert [r["flags"] for r in rows if r["student"] == "Bob"] == [
-        "same run as Eve (eve/03_resnet18_onecycle.zip)"]  # Bob did what this assignment asked; Eve handed in his run
+    assert [r["flags"] for r in rows if r["student"] == "Bob"] == [  # Bob did what this assignment asked, on the
+        "data: a copy of CIFAR-10 that is not the official files; "  # tests' data; Eve handed in his run
+        "same run as Eve (eve/03_resnet18_onecycle.zip)"]
 
 
 def test_incomplete_runs_are_flagged(tmp_path):
