@@ -40,6 +40,8 @@ def versions():
     out["cuda"] = torch.version.cuda or "none"
     return out
 
+OFFICIAL_DATA = "the official CIFAR-10 files"  # what data_files says of them (the class table reads it too)
+
 
 def data_files(data_dir):
     """Which CIFAR-10 files a run read: the official ones (torchvision's md5 of every batch), another copy, or None."""
@@ -50,4 +52,4 @@ def data_files(data_dir):
     if not all((folder / name).is_file() for name, _ in names):
         return None
     official = all(check_integrity(str(folder / name), md5) for name, md5 in names)
-    return "the official CIFAR-10 files" if official else "a copy of CIFAR-10 that is not the official files"
+    return OFFICIAL_DATA if official else "a copy of CIFAR-10 that is not the official files"

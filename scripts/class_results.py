@@ -119,6 +119,7 @@ import helpers as H  # noqa: E402 -- course.handin imports it (and torch) alread
 from course.checks import RULES, problem  # noqa: E402
 from course.handin import ANSWER_CHECKS, answer_hash, blank, jsonable  # noqa: E402
 from course.runs import record_checksum  # noqa: E402
+from course.system import OFFICIAL_DATA  # noqa: E402
 
 # Parameters that never change a result (display, what is shown): never flagged.
 IGNORED = {"INTERACTIVE", "RUN_VGG16", "PHOTO_URL", "TTA", "QUICK", "EXPERIMENT", "GALLERY_SIZES", "N_CAM",
@@ -594,7 +595,7 @@ def run_checks(record, manifest, number):
         flags.append("record edited by hand")
     if record.get("status") != "complete":
         flags.append(f"run not complete ({text(record.get('status'), 20)})")
-    if record.get("data_files") not in (None, "the official CIFAR-10 files"):
+    if record.get("data_files") not in (None, OFFICIAL_DATA):
         flags.append(f"data: {text(record.get('data_files'), 60)}")
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     settings, params = _settings(config), manifest["parameters"]
