@@ -1,11 +1,6 @@
-"""helpers.py: what the course teaches, in the course's order; every notebook imports it as H.
-
-Each idea is first written out in a notebook (named in its docstring), then reused from here: setup, data (01),
-models (03), the LR range test (02), the training loop (03-06), evaluation (07), plots, Grad-CAM (07). What keeps
-the course's runs safe (the Drive workspace, checkpoints, resume, the hand-in) lives in the `course` package, which
-imports this module; nothing here needs it. Accuracies are in percent; images are uint8 HWC RGB until they are
-normalised into float CHW tensors.
-"""
+"""helpers.py: what the course teaches, in its order (every notebook imports it as H); each idea is written out in
+the notebook its docstring names, then reused from here. What keeps runs safe lives in the `course` package, which
+imports this module, never the reverse. Accuracies are in percent; images are uint8 HWC RGB until normalised."""
 
 from __future__ import annotations
 
@@ -285,10 +280,9 @@ def check_augment(aug):
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 # What a CIFAR-10 batch pickle may name: numpy's array rebuilders, nothing that can run other code.
-_PICKLE_ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-                   *{(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct",
-                                                                                                   "scalar")},
-                   *{(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}}
+_PICKLE_ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 
 
 class _CifarUnpickler(pickle.Unpickler):

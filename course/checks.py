@@ -12,36 +12,33 @@ import numpy as np
 import helpers as H
 
 # name: (kind, low, high, None allowed). Kinds: "int" (whole numbers), "float", "name" (a run's name; high = its
-# longest length), "bool", "choice" (low = the valid values), "augment".
+# longest length), "bool", "choice" / "choices" (low = the valid values), "ints", "text", "augment", "runs".
+_BOOL, _EPOCHS, _BATCH = ("bool", 0, 1, False), ("int", 1, 1000, False), ("int", 2, 4096, False)
+_LR, _MOMENTUM, _END_LR = ("float", 1e-6, 10.0, False), ("float", 0.0, 0.999, False), ("float", 1e-5, 100.0, False)
 RULES = {
-    "EPOCHS": ("int", 1, 1000, False), "SUBSET": ("int", 20, 50_000, True), "BATCH_SIZE": ("int", 2, 4096, False),
-    "SEED": ("int", 0, 2**31 - 1, False), "N_SEEDS": ("int", 1, 10, False), "LR": ("float", 1e-6, 10.0, True),
-    "DEFAULT_LR": ("float", 1e-6, 10.0, False), "VAL_FRACTION": ("float", 0.0, 0.5, False),
-    "MOMENTUM": ("float", 0.0, 0.999, False), "MAX_MOMENTUM": ("float", 0.0, 0.999, False),
-    "BASE_MOMENTUM": ("float", 0.0, 0.999, False), "WEIGHT_DECAY": ("float", 0.0, 0.1, False),
+    **dict.fromkeys(("QUICK", "CLASS_BUDGET", "NESTEROV", "TTA", "INTERACTIVE", "RUN_VGG16", "USE_IN_03"), _BOOL),
+    **dict.fromkeys(("EPOCHS", "FINAL_EPOCHS", "RESNET50_EPOCHS", "STEP_SIZE"), _EPOCHS),
+    **dict.fromkeys(("BATCH_SIZE", "RESNET50_BATCH_SIZE"), _BATCH),
+    **dict.fromkeys(("DEFAULT_LR", "FINAL_LR", "RESNET50_LR"), _LR), "LR": ("float", 1e-6, 10.0, True),
+    **dict.fromkeys(("MOMENTUM", "MAX_MOMENTUM", "BASE_MOMENTUM"), _MOMENTUM),
+    **dict.fromkeys(("END_LR", "LINEAR_END_LR"), _END_LR), "START_LR": ("float", 1e-8, 1.0, True),
+    **dict.fromkeys(("NUM_ITER", "LINEAR_NUM_ITER"), ("int", 20, 10_000, False)),
+    **dict.fromkeys(("N_PREVIEW", "PER_CLASS", "N_COMPARE"), ("int", 1, 50, False)),
+    **dict.fromkeys(("N_SHOW", "N_GALLERY"), ("int", 1, 100, False)), "N_CAM": ("int", 1, 1000, False),
+    "SUBSET": ("int", 20, 50_000, True), "SEED": ("int", 0, 2**31 - 1, False), "N_SEEDS": ("int", 1, 10, False),
+    "VAL_FRACTION": ("float", 0.0, 0.5, False), "WEIGHT_DECAY": ("float", 0.0, 0.1, False),
     "LABEL_SMOOTHING": ("float", 0.0, 0.5, False), "PCT_START": ("float", 0.05, 0.95, False),
-    "GAMMA": ("float", 1e-4, 1.0, False), "STEP_SIZE": ("int", 1, 1000, False), "PATIENCE": ("int", 0, 100, False),
-    "FACTOR": ("float", 1e-4, 0.99, False), "THRESHOLD": ("float", 0.0, 100.0, False),
-    "NUM_ITER": ("int", 20, 10_000, False), "LINEAR_NUM_ITER": ("int", 20, 10_000, False),
-    "END_LR": ("float", 1e-5, 100.0, False), "START_LR": ("float", 1e-8, 1.0, True),
-    "N_CAM": ("int", 1, 1000, False), "ALPHA": ("float", 0.0, 1.0, False), "N_SHOW": ("int", 1, 100, False),
-    "EXPERIMENT": ("name", 1, 64, False), "QUICK": ("bool", 0, 1, False), "CLASS_BUDGET": ("bool", 0, 1, False),
-    "NESTEROV": ("bool", 0, 1, False), "TTA": ("bool", 0, 1, False), "INTERACTIVE": ("bool", 0, 1, False),
-    "MODEL": ("choice", tuple(H.MODELS), None, False), "NORM": ("choice", H.NORMS, None, False),
-    "AUGMENT": ("augment", 0, 0, False), "RULE": ("choice", ("steepest", "valley", "minimum", "minimum/10"), None,
-                                                           False),
-    "FINAL_EPOCHS": ("int", 1, 1000, False), "RESNET50_EPOCHS": ("int", 1, 1000, False),
-    "RESNET50_BATCH_SIZE": ("int", 2, 4096, False), "SMOOTH_F": ("float", 0.0, 0.99, False),
-    "FINAL_LR": ("float", 1e-6, 10.0, False), "RESNET50_LR": ("float", 1e-6, 10.0, False),
-    "LINEAR_END_LR": ("float", 1e-5, 100.0, False), "LINEAR_DIVERGE_TH": ("float", 1.0, 1e300, False),
-    "N_PREVIEW": ("int", 1, 50, False), "PER_CLASS": ("int", 1, 50, False), "N_COMPARE": ("int", 1, 50, False),
-    "N_GALLERY": ("int", 1, 100, False),
-    "LAST_STRIDE": ("choice", (1, 2), None, False), "RUN_VGG16": ("bool", 0, 1, False),
+    "GAMMA": ("float", 1e-4, 1.0, False), "PATIENCE": ("int", 0, 100, False), "FACTOR": ("float", 1e-4, 0.99, False),
+    "THRESHOLD": ("float", 0.0, 100.0, False), "ALPHA": ("float", 0.0, 1.0, False),
+    "SMOOTH_F": ("float", 0.0, 0.99, False), "LINEAR_DIVERGE_TH": ("float", 1.0, 1e300, False),
+    "EXPERIMENT": ("name", 1, 64, False), "AUGMENT": ("augment", 0, 0, False), "RUNS": ("runs", 0, 0, False),
     "PHOTO_URL": ("text", 0, 0, False), "GALLERY_SIZES": ("ints", 1, 100, False),
+    "MODEL": ("choice", tuple(H.MODELS), None, False), "NORM": ("choice", H.NORMS, None, False),
+    "RULE": ("choice", ("steepest", "valley", "minimum", "minimum/10"), None, False),
+    "LAST_STRIDE": ("choice", (1, 2), None, False),
     "GRID_MODELS": ("choices", tuple(H.MODELS), None, False), "GRID_NORMS": ("choices", H.NORMS, None, False),
     "GRID_SCHEDULERS": ("choices", ("onecycle", "step", "plateau"), None, False),
-    "USE_IN_03": ("bool", 0, 1, False),
-    "CAM_LAYERS": ("choices", ("layer1", "layer2", "layer3", "layer4"), None, False), "RUNS": ("runs", 0, 0, False),
+    "CAM_LAYERS": ("choices", ("layer1", "layer2", "layer3", "layer4"), None, False),
 }
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 

@@ -205,13 +205,10 @@ class RunLock:
                       f"other is gone (a closed tab, a reset runtime), run this cell again in {self.STALE_S // 60} "
                       f"minutes.")
 
-    def _write(self):
-        write_json(self.path, {**self.me, "heartbeat": time.time()})
-
     def _beat(self):
         while not self._stop.wait(self.BEAT_S):
             with contextlib.suppress(OSError):
-                self._write()
+                write_json(self.path, {**self.me, "heartbeat": time.time()})
 
     def release(self):
         """Stop the heartbeat and remove the lock if it is still ours."""

@@ -19,20 +19,14 @@ import torch
 
 import helpers as H
 
-from .checks import is_number
 from .files import atomic_write, mb
 from .system import device_name, versions
 
 
 def _close(answer, value, abs_tol=0.0, rel_tol=0.0):
-    return is_number(_number(answer)) and math.isclose(_number(answer), value, abs_tol=abs_tol, rel_tol=rel_tol)
-
-
-def _number(answer):
-    """An answer read as the number it plainly is: 75, "75", "75%", "4x", "1,234"."""
-    if isinstance(answer, str):
-        answer = re.sub(r"[\s,_%x×]", "", answer.lower())
-    return float(answer)
+    """The answer, read as the number it plainly is (75, "75%", "4x", "1,234"), is close to value."""
+    number = float(answer_key(answer))
+    return math.isfinite(number) and math.isclose(number, value, abs_tol=abs_tol, rel_tol=rel_tol)
 
 
 def _peak_step(scheduler):
@@ -166,9 +160,7 @@ def _print_hand_in(ws, path, manifest):
           f"figures; results of {runs} run{'s' * (runs != 1)}"
           f"{' and ' + ', '.join(manifest['files']) if manifest['files'] else ''}"
           f"{'; the best weights of ' + ', '.join(manifest['weights']) if manifest['weights'] else ''}")
-    sizes = ws.size()
-    print("  workspace: " + ", ".join(f"{k} {mb(v)}" for k, v in sizes.items() if v) +
-          f" (total {mb(sum(sizes.values()))} of a free Drive's 15 GB)")
+    print(f"  workspace: {ws.usage()}")
     if manifest["quick"]:
         print("This is a QUICK run: its numbers mean nothing. Hand in the zip of a run with QUICK = False.")
     else:

@@ -247,6 +247,12 @@ class Workspace:
                                                                              out / "quick"))
         return sizes
 
+    def usage(self):
+        """What the workspace holds, by part, in one line."""
+        sizes = self.size()
+        return ", ".join(f"{k} {mb(v)}" for k, v in sizes.items() if v) + \
+            f" (total {mb(sum(sizes.values()))} of a free Drive's 15 GB)"
+
     def free_space(self, archive=False, quick=False):
         """Print what the workspace holds; delete, if asked, runs moved to archive/ and QUICK's sandbox."""
         doomed = ([self.home / "archive"] if archive else []) + \
@@ -254,9 +260,7 @@ class Workspace:
         freed = sum(folder_bytes(f) for f in doomed)
         for folder in doomed:
             shutil.rmtree(folder, ignore_errors=True)
-        sizes = self.size()
-        print("workspace: " + ", ".join(f"{k} {mb(v)}" for k, v in sizes.items() if v) +
-              f" (total {mb(sum(sizes.values()))})")
+        print(f"workspace: {self.usage()}")
         if doomed:
             print(f"deleted {', '.join(self.shown(f) for f in doomed)}: {mb(freed)} freed")
         return freed
