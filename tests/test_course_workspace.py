@@ -346,8 +346,8 @@ def test_size_and_free_space_show_and_delete_only_what_was_asked(tmp_path, capsy
     capsys.readouterr()
     assert ws.free_space() == 0 and len(tree(tmp_path)) == 8
     assert capsys.readouterr().out == ("workspace: checkpoints 0.0 MB, results 0.0 MB, archive 0.0 MB, hand-ins 0.0 "
-                                       "MB, quick sandbox 0.0 MB, figures 0.0 MB, other 0.0 MB (total 0.0 MB of a free Drive's "
-                                       "15 GB)\n")
+                                       "MB, quick sandbox 0.0 MB, figures 0.0 MB, other 0.0 MB (total 0.0 MB of a free "
+                                       "Drive's 15 GB)\n")
     assert ws.free_space(archive=True) == 3000 and not (out / "archive").exists()
     assert "deleted outputs/archive: 0.0 MB freed" in capsys.readouterr().out
     assert ws.free_space(quick=True) == 1100 and not (out / "quick").exists() and not (images / "quick").exists()
