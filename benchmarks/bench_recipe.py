@@ -133,7 +133,8 @@ def main():
     recipe, baseline = configs(a)
     hw = device_name(device)
     record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
-              "configs": {"recipe": recipe, "baseline": baseline}, "versions": versions(),
+              "configs": {"recipe": recipe, "baseline": baseline}, "seed": a.seed, "subset": a.subset,
+              "workers": a.workers, "versions": versions(),
               "data_files": data_files(a.data_dir), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.quick:
         rows = {}

@@ -37,7 +37,7 @@ needs_gpu=$(printf '%s\n' "${numbers[@]}" | grep -c -v -E '^0?[12]$' || true)
 if [ "$needs_gpu" -gt 0 ] && ! "$VENV/bin/python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU here. The full series trains for hours on a GPU and would take weeks on this CPU"
   echo "(the course's CPU reference run of ResNet18 took 17 to 19 minutes an epoch of 45,000 images on a 2-core"
-  echo " Intel Xeon: README, 'Measured on a 2-core CPU')."
+  echo " Intel Xeon: README, 'Measured runs')."
   echo "Notebooks 01 and 02 need no GPU. Check everything quickly instead: QUICK=1 bash scripts/run_series.sh"
   [ "${FORCE_CPU:-0}" = 1 ] || { echo "(FORCE_CPU=1 runs it anyway)"; exit 1; }
 fi
