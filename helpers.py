@@ -51,7 +51,7 @@ def get_device(name="auto"):
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"DEVICE={name!r} but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise ValueError(f"device={name!r} but no CUDA GPU is visible; pass device='auto' or 'cpu' (course.start)")
     return device
 
 
@@ -72,8 +72,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the true per-channel std (not kuangliu
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def load_cifar10(root="data", train=True, download=False, subset=None, seed=0):
-    """CIFAR-10's python batches in root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]), checked (01)."""
+def load_cifar10(root="data", train=True, download=True, subset=None, seed=0):
+    """CIFAR-10's python batches in root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]), fetched if missing
+    (01)."""
     folder = Path(root) / "cifar-10-batches-py"
     names = tuple(f"data_batch_{i}" for i in range(1, 6)) if train else ("test_batch",)
     missing = [n for n in names if not (folder / n).is_file()]
@@ -90,7 +91,7 @@ def load_cifar10(root="data", train=True, download=False, subset=None, seed=0):
     return images, labels
 
 
-def load_test_split(data_dir="data", subset=None, seed=0, download=False):
+def load_test_split(data_dir="data", subset=None, seed=0, download=True):
     """The test split; with a train SUBSET, a class-balanced fifth of that size, CIFAR's 5:1 ratio (01, 07)."""
     return load_cifar10(data_dir, train=False, download=download,
                         subset=None if subset is None else max(10, subset // 5), seed=seed)
@@ -158,7 +159,7 @@ def make_transforms(aug=None, train=True, normalize=True, preview=False, mean=CI
 
 
 class ArrayDataset(Dataset):
-    """Numpy images + labels, each image passed through an albumentations pipeline (01, 03).
+    """Numpy images + labels, each image passed through an albumentations pipeline (03: make_loader builds it).
 
     With a seed, image i's random augmentation in epoch e is drawn from (seed, e, i) alone: the same whichever
     worker process loads it, so the number of loader workers never changes what a run learns.
@@ -224,7 +225,7 @@ def set_epoch(loader, epoch):
 
 @dataclass
 class CifarLoaders:
-    """The loaders a training or analysis notebook needs, and the settings that made them (03-07)."""
+    """The loaders a training or analysis notebook needs, and the test images as arrays (02-06)."""
 
     train: DataLoader
     val: DataLoader | None
@@ -235,12 +236,13 @@ class CifarLoaders:
 
 def make_data(data_dir="data", aug=None, batch_size=512, val_fraction=0.1, subset=None, seed=0,
               num_workers="auto", device="auto", download=True):
-    """Train (augmented), validation (carved from train) and test loaders; fetches CIFAR-10 if missing (03-06)."""
+    """Train (augmented), validation (carved from train) and test loaders; fetches CIFAR-10 if missing (02-06)."""
     x, y = load_cifar10(data_dir, train=True, download=download, subset=subset, seed=seed)
     xt, yt = load_test_split(data_dir, subset=subset, seed=seed, download=download)
     tr, va = train_val_split(y, val_fraction, seed=seed)
-    if len(va) and len(np.unique(y[va])) < 10:
-        raise ValueError(f"VAL_FRACTION={val_fraction} leaves no validation image for some class; raise it or SUBSET")
+    if val_fraction > 0 and len(np.unique(y[va])) < 10:
+        raise ValueError(f"VAL_FRACTION={val_fraction} of SUBSET={subset} leaves no validation image for some class; "
+                         f"raise SUBSET (or VAL_FRACTION)")
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, seed=seed)
     train = make_loader(x[tr], y[tr], make_transforms(aug, train=True), shuffle=True, **common)
     val = make_loader(x[va], y[va], make_transforms(train=False), **common) if len(va) else None
@@ -270,11 +272,14 @@ def to_display(image):
 def check_augment(aug):
     """AUGMENT with the defaults filled in; unknown keys raise an error listing the valid ones (01, 03-06)."""
     aug = {**AUGMENT, **(aug or {})}
-    unknown = set(aug) - set(AUGMENT)
-    if unknown:
-        raise ValueError(f"unknown augmentation {sorted(unknown)}; valid keys: {', '.join(AUGMENT)} "
-                         f"(crop: bool, flip: bool, cutout: hole size in px or 0, rotate: max degrees or 0)")
-    aug["cutout"] = 16 if aug["cutout"] is True else int(aug["cutout"] or 0)
+    rules = "crop: True/False, flip: True/False, cutout: hole size 0-32 px (True: 16), rotate: max degrees 0-180"
+    if set(aug) - set(AUGMENT):
+        raise ValueError(f"unknown augmentation {sorted(set(aug) - set(AUGMENT))}; valid keys: {rules}")
+    aug["cutout"] = 16 if aug["cutout"] is True else aug["cutout"] or 0
+    whole = lambda v, top: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= top  # noqa: E731
+    if not (all(isinstance(aug[k], bool) for k in ("crop", "flip")) and whole(aug["cutout"], 32)
+            and _real(aug["rotate"]) and 0 <= aug["rotate"] <= 180):
+        raise ValueError(f"bad augmentation values {aug}; allowed: {rules}")
     return aug
 
 
@@ -422,12 +427,12 @@ class ResNet(nn.Module):
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
-    def forward(self, x):  # x: (B, 3, 32, 32)
+    def forward(self, x):  # x: (B, 3, 32, 32); e = block.expansion (1 for ResNet18/34, 4 for ResNet50)
         out = F.relu(self.norm1(self.conv1(x)))  # (B, 64, 32, 32)
-        out = self.layer1(out)  # (B, 64, 32, 32)
-        out = self.layer2(out)  # (B, 128, 16, 16)
-        out = self.layer3(out)  # (B, 256, 8, 8)
-        out = self.layer4(out)  # (B, 512, 4, 4), or 8x8 with last_stride=1
+        out = self.layer1(out)  # (B, 64e, 32, 32)
+        out = self.layer2(out)  # (B, 128e, 16, 16)
+        out = self.layer3(out)  # (B, 256e, 8, 8)
+        out = self.layer4(out)  # (B, 512e, 4, 4), or 8x8 with last_stride=1
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (B, 512 * expansion)
         return self.linear(out)  # (B, num_classes) logits
 
@@ -437,7 +442,7 @@ MODELS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4
 
 
 def make_model(name="resnet18", norm="bn", num_classes=10, last_stride=2):
-    """A CIFAR ResNet by name; last_stride=1 keeps layer4 at 8x8 with the same parameters (03, 05, 06)."""
+    """A CIFAR ResNet by name; last_stride=1 keeps layer4 at 8x8 with the same parameters (02-06)."""
     block, blocks = MODELS[_choice(name, tuple(MODELS), "model")]
     _choice(norm, NORMS, "norm")
     _choice(last_stride, (1, 2), "last_stride")
@@ -445,7 +450,7 @@ def make_model(name="resnet18", norm="bn", num_classes=10, last_stride=2):
 
 
 def count_params(model):
-    """Number of trainable parameters (03, 06)."""
+    """Number of trainable parameters (03, 05, 06)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -596,8 +601,8 @@ def train_one_epoch(model, loader, optimizer, criterion, scheduler=None, scaler=
     correct = torch.zeros((), dtype=torch.long, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first step whose loss was NaN or infinite
     seen, lrs = 0, []
-    bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not progress)  # not tqdm(loader): tqdm.auto
-    for step, (x, y) in enumerate(loader):  # would start a second pass over the loader, shifting its random order
+    bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not progress)  # updated by hand, below
+    for step, (x, y) in enumerate(loader):
         x, y = _to(device, x, y, channels_last)
         lrs.append(optimizer.param_groups[0]["lr"])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -60,7 +60,8 @@ def problem(name, value):
         ok = isinstance(value, (list, tuple)) and value and all(v in low for v in value)
         return None if ok else f"{name} must be a list of one or more of {', '.join(map(str, low))}, got {value!r}"
     if kind == "ints":
-        ok = isinstance(value, (list, tuple)) and value and all(problem("N_CAM", v) is None for v in value)
+        whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
+        ok = isinstance(value, (list, tuple)) and value and all(whole(v) and low <= v <= high for v in value)
         return None if ok else f"{name} must be a list of whole numbers from {low} to {high}, got {value!r}"
     if kind == "text":
         return None if isinstance(value, str) and value.strip() else f"{name} must be text, got {value!r}"
@@ -92,6 +93,9 @@ def check_parameters(params):
     if unknown:
         raise ValueError(f"no rule for parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(RULES))}")
     problems = [p for name, value in params.items() if (p := problem(name, value))]
+    subset, shown = params.get("SUBSET"), params.get("PER_CLASS", 0)
+    if not problems and subset and shown > subset // 10:  # notebook 01 draws PER_CLASS images of every class
+        problems.append(f"PER_CLASS={shown} needs SUBSET of at least {10 * shown} ({shown} a class), got {subset}")
     if problems:
         raise ValueError("bad parameter(s) in the parameters cell:\n  " + "\n  ".join(problems))
 
@@ -111,10 +115,10 @@ def check_name(name, what="the run's name", max_len=100):
     return name
 
 
-def check_lr(value, what="LR"):
-    """A learning rate as a float if it is a number from 1e-6 to 10, else a clear error."""
+def check_lr(value, what="LR", advice="Set LR in the parameters cell, or run notebook 02 again"):
+    """A learning rate as a float if it is a number from 1e-6 to 10, else a clear error ending in advice."""
     low, high = RULES["LR"][1:3]
     if is_number(value) and low <= value <= high:
         return float(value)
     raise ValueError(f"{what} must be a number from {low:g} to {high:g}, got {value!r}: outside that range SGD does "
-                     f"not train a ResNet. Set LR in the parameters cell, or run notebook 02 again")
+                     f"not train a ResNet. {advice}")

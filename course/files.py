@@ -91,9 +91,11 @@ def load_checkpoint(path, model=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        fix = ("restore it (e.g. from Drive's bin), or start over with course.start(globals(), start_over=True)"
+               if path.name.endswith("_best.pt") else f"run course.set_aside('{path}') and run the training cell "
+               f"again; it resumes from the epoch before (_prev.pt) if that is intact, else starts over")
         raise ValueError(f"{path} is damaged ({path.stat().st_size:,} bytes; {type(err).__name__}: {reason}). To go "
-                         f"on: run course.set_aside('{path}') and run the training cell again; it resumes from the "
-                         f"epoch before (_prev.pt) if that is intact, else starts over.") from None
+                         f"on: {fix}.") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by the course (it has no 'model' entry)")
     if model is not None:
@@ -118,7 +120,7 @@ def set_aside(path):
 
 
 def move_to_archive(files, archive, name):
-    """Move a run's files into archive/<name>_<time>/ (START_OVER, or a run that broke down)."""
+    """Move a run's files into archive/<name>_<time>/ (start_over=True, or a run that broke down)."""
     files = [Path(p) for p in files if Path(p).exists()]
     if files:
         dest = Path(archive) / f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"

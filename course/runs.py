@@ -2,8 +2,8 @@
 
 What it keeps safe: an interrupted run resumes bit-exact from its last epoch; a finished run is loaded, never trained
 again; a run asked for with other settings than the saved one stops and names every difference (nothing is moved
-until START_OVER says so); a run that broke down is recorded as stopped, with its last good checkpoint; a finished
-run keeps only its best weights (chosen on the validation split) and its results file.
+until course.start(..., start_over=True) says so); a run that broke down is recorded as stopped, with its last good
+checkpoint; a finished run keeps only its best weights (chosen on the validation split) and its results file.
 """
 
 import contextlib
@@ -121,8 +121,8 @@ def check_same_settings(what, saved, now):
         changes = "; ".join(f"{k}: {saved.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in keys[:8])
         more = f"; and {len(keys) - 8} more" if len(keys) > 8 else ""
         raise StaleRun(f"{what} was run with other settings ({changes}{more}). Nothing was changed. To keep it: "
-                       f"choose another EXPERIMENT name. To start over: course.start(globals(), start_over=True) "
-                       f"moves its files to archive/.")
+                       f"give the new run another name (EXPERIMENT, or RUNS in 04). To start over: course.start("
+                       f"globals(), start_over=True) moves the files of every run this notebook opens to archive/.")
 
 
 # ---- results records ------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ class Run:
     # -- the hooks H.fit calls
 
     def begin(self, model, optimizer, scheduler, criterion, data, epochs, scaler=None, monitor="val_acc"):
-        """Take the lock, then return the history to go on from: a resumed run's, a finished run's, or None."""
+        """Take the lock, then return the history to go on from: a resumed run's, a finished run's, or an empty one."""
         self.settings = run_settings(model, optimizer, scheduler, criterion, data, epochs, monitor,
                                      {**self.config, "quick": self.quick})
         for group in optimizer.param_groups:  # OneCycle: its peak

@@ -42,8 +42,9 @@ def start(variables, drive_folder="resnet-cifar10-course", data_dir=None, device
     drive_folder: on Colab, the course folder in your Google Drive (a name, or a path under /content/drive/MyDrive);
         None keeps the work in the runtime, which a reset loses. Off Colab the checkout's outputs/ and images/.
     data_dir: where CIFAR-10 is (or is fetched to): Colab's /content/data, else the checkout's data/.
-    device: "auto" (cuda, then mps, then cpu) or a name. start_over: move earlier runs of the same name to archive/
-        and train them from epoch 0. outputs, images: other folders than the workspace's (tests, scripts).
+    device: "auto" (cuda, then mps, then cpu) or a name.
+    start_over: move the files of every run this notebook opens to archive/ and train it from epoch 0 (then remove
+        it, or every Run all starts over again). outputs, images: other folders than the workspace's (tests, scripts).
     """
     params = {k: v for k, v in variables.items() if k in checks.RULES}
     checks.check_parameters(params)
@@ -187,7 +188,8 @@ class Workspace:
         exercise's variant (for_03=False), beside it (lr_finder_variant.json), leaving 03's LR alone (02)."""
         if rule not in result.suggestions:
             raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(result.suggestions)}")
-        lr = checks.check_lr(result.suggestions[rule], f"the '{rule}' suggestion")
+        lr = checks.check_lr(result.suggestions[rule], f"the '{rule}' suggestion",
+                             "Choose another RULE, or narrow START_LR and END_LR, and run the test again")
         path = self.outputs / ("lr_finder.json" if for_03 else "lr_finder_variant.json")
         record = {"lr": lr, "rule": rule, "batch_size": batch_size, "suggestions": result.suggestions,
                   "diverged": result.diverged, "when": time.strftime("%Y-%m-%d %H:%M"), **settings}
@@ -204,7 +206,7 @@ class Workspace:
         if not path.is_file():
             return checks.check_lr(default, "DEFAULT_LR"), (
                 f"LR {default:g}: the stated default (no LR range test result at {self.shown(path)}: run notebook 02 "
-                f"with QUICK = False; a QUICK run's LR stays in its sandbox and is never used)")
+                f"with QUICK = {self.quick}; a QUICK run's LR stays in its sandbox, where only QUICK runs read it)")
         found = _read_lr_choice(path)
         scaled = checks.check_lr(found["lr"] * batch_size / found["batch_size"],
                                  f"the LR in {path} ({found['lr']:g} at batch {found['batch_size']}) scaled to batch "

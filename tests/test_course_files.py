@@ -113,6 +113,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     damaged.write_bytes((tmp_path / "r18.pt").read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"damaged\.pt is damaged \(5,000 bytes.*course\.set_aside\("):
         F.load_checkpoint(damaged, model)
+    damaged.rename(tmp_path / "r_best.pt")  # a finished run's only checkpoint: nothing to resume from
+    with pytest.raises(ValueError, match=r"r_best\.pt is damaged.*restore it .*start_over=True\)\.$"):
+        F.load_checkpoint(tmp_path / "r_best.pt", model)
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="no 'model' entry"):
         F.load_checkpoint(tmp_path / "list.pt")

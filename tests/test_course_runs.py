@@ -140,7 +140,7 @@ def test_checkpoints_every_epoch_then_only_the_best_weights(ws, data, monkeypatc
 
 def test_a_trained_resnet_is_rebuilt_from_its_checkpoint(tmp_path, fake_cifar, capsys):
     ws = make_workspace(tmp_path, data_dir=fake_cifar)
-    small = H.make_data(fake_cifar, batch_size=20, subset=40, device="cpu", num_workers=0)
+    small = H.make_data(fake_cifar, batch_size=20, subset=40, val_fraction=0, device="cpu", num_workers=0)
     torch.manual_seed(0)
     train(ws, H.make_model("resnet18", norm="gn"), small, name="r18", epochs=1, lr=0.05)
     best = load_checkpoint(ws.outputs / "checkpoints" / "r18_best.pt")
@@ -190,10 +190,11 @@ def test_changed_settings_stop_with_what_differs_and_lose_nothing(tmp_path, fake
     train(ws, Tiny(), data, epochs=2, name="e", config={"augment": {"cutout": 0}})
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(course.StaleRun, match=r"^'e' in outputs was run with other settings \(optimizer\.groups: "
-                                              r".*'lr': 0\.1.* -> .*'lr': 0\.05.*Nothing was changed.*another "
-                                              r"EXPERIMENT name.*course\.start\(globals\(\), start_over=True\)"):
+                                              r".*'lr': 0\.1.* -> .*'lr': 0\.05.*Nothing was changed.*another name "
+                                              r"\(EXPERIMENT, or RUNS in 04\).*course\.start\(globals\(\), "
+                                              r"start_over=True\) moves the files of every run this notebook opens"):
         train(ws, Tiny(), data, epochs=2, lr=0.05, name="e", config={"augment": {"cutout": 0}})
-    with pytest.raises(course.StaleRun, match=r"augment\.cutout: 0 -> 16.*another EXPERIMENT name"):
+    with pytest.raises(course.StaleRun, match=r"augment\.cutout: 0 -> 16.*another name"):
         train(ws, Tiny(), data, epochs=2, name="e", config={"augment": {"cutout": 16}})
     with pytest.raises(course.StaleRun, match="epochs: 2 -> 3"):
         train(ws, Tiny(), data, epochs=3, name="e", config={"augment": {"cutout": 0}})

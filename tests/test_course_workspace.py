@@ -52,7 +52,7 @@ def test_bad_parameters_stop_the_start_before_any_folder_is_made(tmp_path):
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps', got 'gpu'"):
         course.start({}, device="gpu", **folders)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="DEVICE='cuda' but no CUDA GPU is visible"):
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU is visible; pass device='auto' or 'cpu'"):
             course.start({}, device="cuda", **folders)
     assert not list(tmp_path.iterdir())
 
@@ -217,6 +217,8 @@ def test_quick_writes_only_into_its_sandbox_which_no_real_run_reads(tmp_path, fa
     lr, why = real.lr(None, batch_size=128, default=0.1)
     assert lr == 0.1 and "the stated default" in why and "a QUICK run's LR stays in its sandbox" in why
     assert quick.lr(None, batch_size=128)[0] == pytest.approx(0.08)
+    (quick.outputs / "lr_finder.json").unlink()  # a QUICK 03 reads only a QUICK 02's LR, and says so
+    assert "run notebook 02 with QUICK = True" in quick.lr(None, batch_size=128)[1]
     model = Tiny(width=8)
     again = H.fit(model, data, torch.optim.SGD(model.parameters(), lr=0.05), epochs=1, run=real.run("r"),
                   device="cpu", progress=False)  # the same name outside the sandbox: trained, never loaded
@@ -259,7 +261,8 @@ def test_found_lr_flows_into_training(tmp_path, capsys):
 def test_a_suggestion_outside_the_sane_range_is_not_saved(tmp_path):
     ws = make_workspace(tmp_path)
     result = H.LRFinderResult([0.01, 0.1], [2, 1], {"minimum": 40.0}, 0, 0, True)
-    with pytest.raises(ValueError, match="the 'minimum' suggestion must be a number from 1e-06 to 10, got 40.0"):
+    with pytest.raises(ValueError, match="the 'minimum' suggestion must be a number from 1e-06 to 10, got 40.0.*"
+                                         "Choose another RULE, or narrow START_LR and END_LR"):
         ws.save_lr(result, rule="minimum")
     assert tree(tmp_path) == []
 
@@ -355,3 +358,15 @@ def test_size_and_free_space_show_and_delete_only_what_was_asked(tmp_path, capsy
                               "outputs/lr_finder.json", "outputs/results/r.json"]
     assert ws.size() == {"checkpoints": 1000, "results": 200, "archive": 0, "hand-ins": 400, "quick sandbox": 0,
                          "figures": 700, "other": 50}
+
+
+def test_parameters_that_only_clash_together_are_refused_at_the_start():
+    from course import checks
+
+    assert "GALLERY_SIZES must be a list of whole numbers from 1 to 100" in checks.problem("GALLERY_SIZES", [500])
+    assert checks.problem("GALLERY_SIZES", [5, 100]) is None
+    with pytest.raises(ValueError, match=r"PER_CLASS=8 needs SUBSET of at least 80 \(8 a class\), got 20"):
+        checks.check_parameters({"SUBSET": 20, "PER_CLASS": 8})
+    checks.check_parameters({"SUBSET": 80, "PER_CLASS": 8})
+    with pytest.raises(ValueError, match="AUGMENT: bad augmentation values"):
+        checks.check_parameters({"AUGMENT": {"cutout": 40}})

@@ -48,7 +48,27 @@ def test_subset_is_class_balanced(fake_cifar):
 
 def test_missing_data_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*data_batch_1"):
-        H.load_cifar10(tmp_path)
+        H.load_cifar10(tmp_path, download=False)
+
+
+def test_missing_data_is_fetched_by_default(tmp_path, fake_cifar, monkeypatch):
+    """Notebooks 01 and 07 call load_cifar10 / load_test_split with their defaults: on a fresh runtime they fetch."""
+    import shutil
+
+    import torchvision.datasets.utils as tvu
+
+    fetched = []
+    monkeypatch.setattr(tvu, "download_and_extract_archive", lambda url, download_root, md5: fetched.append(url) or
+                        shutil.copytree(fake_cifar / "cifar-10-batches-py", f"{download_root}/cifar-10-batches-py"))
+    x, y = H.load_cifar10(tmp_path / "a", subset=100)
+    xt, yt = H.load_test_split(tmp_path / "b")
+    assert fetched == [H.CIFAR10_URL] * 2 and x.shape == (100, 32, 32, 3) and len(yt) == 50
+
+
+def test_a_subset_too_small_for_a_validation_split_is_refused(fake_cifar):
+    with pytest.raises(ValueError, match="VAL_FRACTION=0.1 of SUBSET=50 leaves no validation image for some class"):
+        H.make_data(fake_cifar, subset=50, device="cpu", num_workers=0)
+    assert H.make_data(fake_cifar, subset=60, device="cpu", num_workers=0).val is not None  # 6 a class: 1 held out
 
 
 def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):
@@ -285,5 +305,10 @@ def test_subset_must_fit_the_dataset(fake_cifar):
 def test_augment_is_one_small_dict_with_clear_errors():
     assert H.check_augment(None) == H.AUGMENT
     assert H.check_augment({"cutout": True})["cutout"] == 16
-    with pytest.raises(ValueError, match="unknown augmentation \\['cutuot'\\]; valid keys: crop, flip, cutout, rotate"):
+    with pytest.raises(ValueError, match="unknown augmentation \\['cutuot'\\]; valid keys: crop: True/False, flip"):
         H.make_transforms({"cutuot": 16})
+    for bad in ({"rotate": "x"}, {"cutout": -4}, {"cutout": 40}, {"crop": "no"}, {"cutout": 8.7}, {"rotate": 200}):
+        with pytest.raises(ValueError, match="bad augmentation values .*allowed: crop: True/False"):
+            H.check_augment(bad)
+    assert H.check_augment({"cutout": 32, "rotate": 7.5, "flip": False}) == {"crop": True, "flip": False, "cutout": 32,
+                                                                            "rotate": 7.5}

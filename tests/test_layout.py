@@ -62,5 +62,5 @@ def test_fit_is_the_loop_of_notebook_03_with_its_bookkeeping_in_three_hooks():
 def test_teaching_objects_carry_no_field_for_the_machinery(fake_cifar):
     model = H.make_model("resnet18")
     assert not hasattr(model, "arch")
-    data = H.make_data(fake_cifar, batch_size=16, subset=50)
+    data = H.make_data(fake_cifar, batch_size=16, subset=50, val_fraction=0)
     assert not hasattr(data, "augment") and not hasattr(data.train, "seed")
