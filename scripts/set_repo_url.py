@@ -65,22 +65,24 @@ def publish(root, dest):
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise SystemExit(f"--publish needs an empty or new folder; {dest} is not empty")
-    changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+    changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],  # new files too (not ignored ones)
                              capture_output=True, text=True, check=True).stdout.splitlines()
     if changed:  # --publish copies the last commit: say what it would leave out, instead of leaving it out silently
-        raise SystemExit(f"{len(changed)} file(s) changed since the last commit would not be in the class's copy: "
-                         f"{', '.join(line[3:] for line in changed[:5])}. Commit them (git commit -am '...') and run "
-                         f"this again.")
-    files = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "--name-only", "HEAD"], capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
+        raise SystemExit(f"{len(changed)} file(s) new or changed since the last commit would not be in the class's "
+                         f"copy: {', '.join(line[3:] for line in changed[:5])}. Commit them (git add them, then git "
+                         f"commit -m '...') and run this again.")
+    entries = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()  # "MODE blob SHA\tNAME"
+    files = [(line.split("\t", 1)[1], line.split()[0]) for line in entries]
+    for name, mode in files:
         if name.startswith(PRIVATE):
             continue
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         blob = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{name}"], capture_output=True, check=True)
         target.write_bytes(blob.stdout)
-    return [n for n in files if not n.startswith(PRIVATE)]
+        target.chmod(0o755 if mode == "100755" else 0o644)  # scripts stay executable
+    return [n for n, _ in files if not n.startswith(PRIVATE)]
 
 
 def main(argv=None):

@@ -33,8 +33,11 @@ BUDGET = {"03": {"CLASS_BUDGET": True}, "04": {"CLASS_BUDGET": True}}  # the REA
 
 
 def model_answer(exercise):
-    """A fixed exercise's answer, from teacher/answers (as test_teacher reads it)."""
-    body = (ROOT / "teacher" / "answers" / f"{exercise[:2]}.md").read_text()
+    """A fixed exercise's answer, from teacher/answers (as test_teacher reads it); the class's copy has none."""
+    path = ROOT / "teacher" / "answers" / f"{exercise[:2]}.md"
+    if not path.exists():
+        pytest.skip("the class's copy has no teacher/ (the answers stay private)")
+    body = path.read_text()
     value = float(re.search(rf"^## {re.escape(exercise)}\n.*?check: (-?[\d.]+)", body, re.M | re.S)[1].rstrip("."))
     return int(value) if value.is_integer() else value
 

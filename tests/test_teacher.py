@@ -25,6 +25,7 @@ from class_results import notebook_spec  # noqa: E402
 
 ANSWERS = ROOT / "teacher" / "answers"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+pytestmark = pytest.mark.skipif(not ANSWERS.is_dir(), reason="the class's copy has no teacher/: its tests are ours")
 
 
 def model_answers():
@@ -182,6 +183,11 @@ def test_the_class_copy_leaves_teacher_out(tmp_path):
     assert (copy / "notebooks" / "03_resnet18_onecycle.ipynb").exists() and not (copy / "teacher").exists()
     assert "my-school/resnet-course/blob/v1.0/notebooks/03_resnet18_onecycle.ipynb" in (copy / "README.md").read_text()
     assert (checkout / "README.md").read_text() == before
+    assert (copy / ".ci" / "run").stat().st_mode & 0o111 and not (copy / "helpers.py").stat().st_mode & 0o111
+    (checkout / "notebooks" / "08_mine.ipynb").write_text("{}")  # a teacher's new file, not yet added
+    done = subprocess.run([*script, "--publish", str(tmp_path / "class3")], capture_output=True, text=True)
+    assert done.returncode != 0 and "notebooks/08_mine.ipynb" in done.stderr and not (tmp_path / "class3").exists()
+    (checkout / "notebooks" / "08_mine.ipynb").unlink()
     notebook = checkout / "notebooks" / "03_resnet18_onecycle.ipynb"
     notebook.write_text(notebook.read_text().replace("CLASS_BUDGET = False", "CLASS_BUDGET = True"))
     done = subprocess.run([*script, "--publish", str(tmp_path / "class2")], capture_output=True, text=True)
