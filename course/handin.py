@@ -24,7 +24,7 @@ from .system import device_name, versions
 
 
 def _close(answer, value, abs_tol=0.0, rel_tol=0.0):
-    """The answer, read as the number it plainly is (75, "75%", "4x", "1,234"), is close to value."""
+    """The answer, read as the number it plainly is (60, "60%", "3x", "1,234"), is close to value."""
     number = float(answer_key(answer))
     return math.isfinite(number) and math.isclose(number, value, abs_tol=abs_tol, rel_tol=rel_tol)
 
@@ -49,7 +49,7 @@ ANSWER_CHECKS = {  # exercise: a hash of the fixed answer, or a function of the 
 
 
 def answer_key(answer):
-    """An answer in one canonical spelling: '11,173,962' and 11173962.0 read alike, (8, 8) reads '8x8', '75%' '75'."""
+    """An answer in one canonical spelling: '11,173,962' and 11173962.0 read alike, (8, 8) reads '8x8', '60%' '60'."""
     if isinstance(answer, (bool, np.bool_)):
         raise TypeError("True/False is not an answer to this exercise")
     if isinstance(answer, (list, tuple)):
@@ -59,7 +59,7 @@ def answer_key(answer):
     if isinstance(answer, (float, np.floating)):
         return str(int(answer)) if float(answer).is_integer() else f"{float(answer):g}"
     text = re.sub(r"[\s,_%]", "", str(answer).lower())
-    text = re.sub(r"(?<=\d)[x×]$", "", text)  # "4x" is 4
+    text = re.sub(r"(?<=\d)[x×]$", "", text)  # "3x" is 3
     return str(int(float(text))) if re.fullmatch(r"-?\d+(\.0*)?", text) else text
 
 

@@ -92,7 +92,7 @@ keys sorted, in float32: a copy saved again in another precision is caught too).
 copy, flagged on both rows; weights changed by a single training step are other weights.
 
 self-checks: each checked exercise, right or wrong, with its tries. A fixed answer (a hash in
-course.handin.ANSWER_CHECKS) is checked again here ("75%" and "4x" read as 75 and 4): "self-check claim does not
+course.handin.ANSWER_CHECKS) is checked again here ("60%" and "3x" read as 60 and 3): "self-check claim does not
 match the answer" proves the manifest was edited; "changed after the check" means the answer handed in is not the
 one checked. Checks that need the student's run (the others) are shown as the manifest reports them.
 """
@@ -1048,8 +1048,8 @@ def _cross_checks(rows):
             handins.setdefault((r["_identity"], r["_number"]), {})[r["_rel"]] = True
     owners, weights = {}, {}
     for r in rows:
-        for key in r.get("_keys", []):
-            owners.setdefault(key, {})[r["_identity"]] = r
+        for key in r.get("_keys", []):  # every hand-in holding the run (03's zip, and 07's that explains it)
+            owners.setdefault(key, {}).setdefault(r["_identity"], {})[r["_rel"]] = r
         if r.get("_weights"):
             weights.setdefault(r["_weights"], {}).setdefault(r["_identity"], r)
     for r in rows:
@@ -1062,7 +1062,8 @@ def _cross_checks(rows):
         for key in r.get("_keys", []):
             others.update({i: o for i, o in owners[key].items() if i != r["_identity"]})
         if others:
-            named = [f"{o['student']} ({text(o['_rel'], 40)})" for o in others.values()]
+            named = [f"{next(iter(o.values()))['student']} ({', '.join(text(rel, 40) for rel in o)})"
+                     for o in others.values()]
             r["_flags"].append("same run as " + ", ".join(named[:3]) + (f" and {len(named) - 3} more"
                                                                          if len(named) > 3 else ""))
         same = [o for i, o in weights.get(r.get("_weights"), {}).items() if i != r["_identity"]]
@@ -1102,7 +1103,10 @@ def collect(folder, assignment=None, notebooks=None, verifier=None):
 MARKS = {"QUICK": "Q", "edited by hand": "E", "no checksum": "E", "run not complete": "!", "settings differ": "S",
          "disagree": "D", "differs from its history": "D", "shorter than its epochs": "D", "same run as": "C",
          "hand-ins of": "2", "impossible accuracy": "X", "self-check claim": "D", "same weights as": "C",
-         "differs from the claimed": "V", "weights refused": "W", "weights not verified": "W", "weights missing": "W"}
+         "differs from the claimed": "V", "weights refused": "W", "weights not verified": "W", "weights missing": "W",
+         "weights without a results file": "W", "data: ": "J", "results file missing": "M", "run missing": "M",
+         "unreadable results file": "M", "folder and manifest disagree": "N", "no student name": "N",
+         "QUICK-sized data": "Q", "no per-epoch history": "D"}
 
 
 def _label(value, width=30):
@@ -1172,7 +1176,8 @@ def figures(rows):
         ax.set_title(f"Class results{f', page {n}/{len(pages)}' if len(pages) > 1 else ''} (Q: QUICK, E: edited, "
                      f"!: not complete, S: settings differ, D: disagrees, C: same run or weights as another "
                      f"student, 2: two hand-ins, X: impossible, V: verified accuracy differs, W: weights not "
-                     f"verified)", fontsize=8, wrap=True)
+                     f"verified, J: not the official CIFAR-10 files, M: results missing, N: name)", fontsize=8,
+                     wrap=True)
         out.append(fig)
     return out
 
