@@ -319,7 +319,7 @@ FULL = textwrap.dedent("""
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     Run._write_record = record_then_fill_the_disk
     H.seed_everything(0)
-    data = H.make_data(data_dir, batch_size=20, subset=40, device="cpu", num_workers=0)
+    data = H.make_data(data_dir, batch_size=20, subset=40, val_fraction=0, device="cpu", num_workers=0)
     model = H.make_model("resnet18")  # a 45 MB checkpoint
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     try:
