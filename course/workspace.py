@@ -5,6 +5,7 @@ the others' work there; a QUICK run writes only into quick/, which no real run r
 written is refused before anything is spent; the workspace's size is always one call away.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import helpers as H
 from . import checks, handin
 from .files import atomic_write, folder_bytes, load_checkpoint, mb, write_json
 from .handin import jsonable
-from .runs import Run, load_results, results_table
+from .runs import Run, load_results
 from .system import device_name, versions
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the course's checkout, when it runs from one
@@ -63,10 +64,19 @@ def start(variables, drive_folder="resnet-cifar10-course", data_dir=None, device
               f"run reads them")
     for folder in (ws.outputs, ws.images):
         _check_writable(folder)
+    ws.self_checks.update(_saved_checks(ws.outputs / "self_checks.json"))  # a restart does not reset the tries
     print(f"device: {ws.device} ({device_name(ws.device)}) | torch {versions()['torch']} | work in "
           f"{ws.shown(ws.outputs)}")
     H.seed_everything(params.get("SEED", 0))
     return ws
+
+
+def _saved_checks(path):
+    """The self-checks of earlier sessions, whose tries go on counting; an unreadable file starts them again."""
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(Path(path).read_text())
+        return {k: v for k, v in saved.items() if isinstance(v, dict) and isinstance(v.get("tries"), int)}
+    return {}
 
 
 def _drive_root(drive_folder):
@@ -155,10 +165,6 @@ class Workspace:
         """Every run's results record in this workspace, by name."""
         return load_results(self.outputs / "results")
 
-    def results_table(self):
-        """A markdown table of every run in this workspace."""
-        return results_table(self.outputs / "results")
-
     def expected(self, names):
         """Print what the course's own finished runs of these experiments reached, and the others it ships."""
         shipped = json.loads(EXPECTED.read_text()) if EXPECTED.exists() else {}
@@ -229,8 +235,11 @@ class Workspace:
         plt.show()
 
     def check(self, exercise, answer, **your_run):
-        """Say at once whether an answer is right, without showing the right one (the exercises)."""
-        return handin.check_answer(self.self_checks, exercise, answer, **your_run)
+        """Say at once whether an answer is right, without showing the right one; the tries are kept (the exercises)."""
+        right = handin.check_answer(self.self_checks, exercise, answer, **your_run)
+        if right is not None:  # a try was counted
+            write_json(self.outputs / "self_checks.json", self.self_checks)
+        return right
 
     def hand_in(self, notebook, variables, student="", runs=(), files=(), weights=False):
         """Write notebook's hand-in zip (answers, figures, its runs' results; weights=True: their best weights in

@@ -55,6 +55,17 @@ def test_a_self_check_counts_its_tries_and_never_shows_the_answer(ws, capsys):
     assert "03.4" not in ws.self_checks
 
 
+def test_the_tries_survive_a_restart_and_stay_in_their_sandbox(tmp_path, fake_cifar):
+    ws = make_workspace(tmp_path, data_dir=fake_cifar)
+    ws.check("03.1", 70)
+    again = make_workspace(tmp_path, data_dir=fake_cifar)  # a restart, or Run all: the start cell runs again
+    assert again.self_checks == {"03.1": {"right": False, "answer": 70, "tries": 1}}
+    assert again.check("03.1", 42) and again.self_checks["03.1"]["tries"] == 2
+    assert make_workspace(tmp_path, data_dir=fake_cifar, QUICK=True).self_checks == {}  # QUICK counts its own
+    (tmp_path / "outputs" / "self_checks.json").write_text("not JSON")
+    assert make_workspace(tmp_path, data_dir=fake_cifar).self_checks == {}  # unreadable: the count starts again
+
+
 def test_a_self_check_reads_the_students_own_run(ws):
     history = {**H.empty_history(), "epoch": [1, 2, 3], "test_acc": [60.0, 71.5, 70.25]}
     assert ws.check("04.1", 1.25, record={"history": history})  # the best minus the final test accuracy

@@ -325,7 +325,7 @@ def test_a_diverged_run_stops_keeps_the_last_good_checkpoint_and_says_so(ws, dat
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     rec = ws.results()["nan"]
     assert rec["status"] == "diverged" and rec["epochs_run"] == 1 and "step 3" in rec["error"]
-    assert "1/3 (stopped: diverged)" in ws.results_table()
+    assert "1/3 (stopped: diverged)" in course.results_table(ws.outputs / "results")
     assert not (ws.outputs / "checkpoints" / "nan.lock").exists()
     again = train(ws, Tiny(), data, epochs=3, name="nan")  # a rerun trains again, from scratch
     assert again["status"] == "complete" and again["epochs_run"] == 3 and again["run_id"] != rec["run_id"]
@@ -358,7 +358,7 @@ def test_a_loss_that_explodes_without_nan_is_stopped(ws, data):
         train(ws, Tiny(width=8, scale=1000.0), data, epochs=2, lr=0.05)
     rec = ws.results()["run"]
     assert rec["status"] == "diverged" and "far above" in rec["error"]
-    assert "0/2 (stopped: diverged)" in ws.results_table()
+    assert "0/2 (stopped: diverged)" in course.results_table(ws.outputs / "results")
 
 
 # ---- kills, lost and damaged files ---------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def test_an_older_results_file_is_shown_with_dashes_and_a_warning(ws, data):
            "history": {"epoch": [1, 2], "test_acc": [50.0, 60.0]}}  # no epochs_run, params, device, ...
     (results / "old_run.json").write_text(json.dumps(old))
     with pytest.warns(UserWarning, match=r"old_run.json is in an older format \(it has no params, epochs_run"):
-        table = ws.results_table()
+        table = course.results_table(ws.outputs / "results")
     assert "| old_run | resnet18 | - | - | 2/5 | - | - | - | - | - |" in table
     with pytest.warns(UserWarning):
         full = ws.results()["old_run"]

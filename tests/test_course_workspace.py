@@ -211,9 +211,9 @@ def test_quick_writes_only_into_its_sandbox_which_no_real_run_reads(tmp_path, fa
     quick.save_lr(result, rule="minimum", batch_size=128)
     assert tree(tmp_path) == ["images/quick/03_history.png", "outputs/quick/checkpoints/r_best.pt",
                               "outputs/quick/lr_finder.json", "outputs/quick/results/r.json"]
-    assert "(QUICK)" in quick.results_table() and set(quick.results()) == {"r"}
+    assert "(QUICK)" in course.results_table(quick.outputs / "results") and set(quick.results()) == {"r"}
     real = make_workspace(tmp_path, data_dir=fake_cifar)
-    assert real.results() == {} and "| r |" not in real.results_table()
+    assert real.results() == {} and "| r |" not in course.results_table(real.outputs / "results")
     lr, why = real.lr(None, batch_size=128, default=0.1)
     assert lr == 0.1 and "the stated default" in why and "a QUICK run's LR stays in its sandbox" in why
     assert quick.lr(None, batch_size=128)[0] == pytest.approx(0.08)
