@@ -1045,8 +1045,7 @@ class GradCAM:
         finally:
             self._capturing = False
         if self._acts is None:
-            raise RuntimeError("the target layer gave no feature-map tensor in the forward pass; is it part of the "
-                               "model?")
+            raise RuntimeError("the target layer gave no feature map in the forward pass; is it part of the model?")
         if self._acts.dim() != 4:
             raise ValueError(f"Grad-CAM needs feature maps [N, C, H, W]; the target layer gives "
                              f"{tuple(self._acts.shape)}. Use a convolutional stage such as 'layer3'")
@@ -1140,7 +1139,8 @@ def mistake_explorer(model, images, pred, order, layers=("layer2", "layer3"), al
         plt.show()
 
     return W.interactive(show, k=W.IntSlider(min=0, max=max(0, len(order) - 1), description="mistake"),
-                         layer=W.Dropdown(options=list(layers)), method=W.Dropdown(options=["Grad-CAM", "Grad-CAM++"]),
+                         layer=W.Dropdown(options=list(layers), value=layers[-1]),
+                         method=W.Dropdown(options=["Grad-CAM", "Grad-CAM++"]),
                          for_class=W.Dropdown(options=["predicted", "actual"], description="class"))
 
 

@@ -131,6 +131,9 @@ def main():
     a = ap.parse_args()
     device = H.get_device(a.device)
     recipe, baseline = configs(a)
+    for cfg in (recipe, baseline):  # the record says what ran: mixed precision only on CUDA (H.amp_dtype), and
+        cfg["amp"] = cfg["amp"] and H.amp_dtype(device) is not None  # --quick's channels_last only on CUDA
+        cfg["channels_last"] = cfg["channels_last"] and (device.type == "cuda" or not a.quick)
     hw = device_name(device)
     record = {"benchmark": "recipe", "machine": hw, "device": str(device), "quick": a.quick,
               "configs": {"recipe": recipe, "baseline": baseline}, "seed": a.seed, "subset": a.subset,

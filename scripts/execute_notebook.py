@@ -5,11 +5,14 @@ Papermill records the parameters it was given in an extra "injected-parameters" 
 would run too, silently replacing the defaults. So after the run this script removes that cell and says how the
 notebook was run in a markdown banner at the top instead (the settings that differ from the defaults, the
 hardware, the date, the time it took). It also drops widget outputs (tqdm bars saved without their state render
-as empty 0% bars). Without --out the notebook is rewritten in place.
+as empty 0% bars). Without --out the notebook is rewritten in place, and only when the run succeeds: papermill writes
+to a temporary file beside it, so a failed or interrupted run leaves the notebook as it was (an injected cell left
+by an older interrupted run is removed before the run). A -p name that is not in the parameters cell is refused.
 """
 
 import argparse
 import ast
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,15 +67,32 @@ def main(argv=None):
 
     from course.system import device_name
 
-    parameters = {name: literal(value) for name, value in a.p}
+    source = nbformat.read(a.notebook, as_version=4)
+    source.cells = [c for c in source.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    defaults = defaults_of(source)
+    unknown = [name for name, _ in a.p if name not in defaults]
+    if unknown:
+        raise SystemExit(f"{', '.join(unknown)}: not in the parameters cell of {a.notebook} (it has "
+                         f"{', '.join(defaults)}); nothing was run")
+    parameters = {name: literal(value) for name, value in a.p if literal(value) != defaults[name]}
     out = a.out or a.notebook
+    running = out.with_name(f".{out.stem}.running.ipynb")  # the run's own file, beside the notebook
+    nbformat.write(source, running)
     t0 = time.perf_counter()
-    pm.execute_notebook(str(a.notebook), str(out), parameters=parameters, cwd=str(a.notebook.parent),
-                        kernel_name="python3", progress_bar=False)
-    nb = nbformat.read(out, as_version=4)
+    pm.execute_notebook(str(running), str(running), parameters=parameters, cwd=str(a.notebook.parent),
+                        kernel_name="python3", progress_bar=False)  # a failure stops here: out is untouched
+    nb = nbformat.read(running, as_version=4)
     nbformat.write(finish(nb, parameters, device_name("auto"), time.perf_counter() - t0,
-                          time.strftime("%Y-%m-%d")), out)
+                          time.strftime("%Y-%m-%d")), running)
+    os.replace(running, out)
     print(f"wrote {out}: no injected cell, banner added ({', '.join(parameters) or 'the defaults'})")
+
+
+def defaults_of(nb):
+    """{NAME: value} of the parameters cell (the cell tagged "parameters"): what papermill's -p may change."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id: literal(ast.unparse(node.value)) for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@
 #        QUICK=1 bash scripts/run_series.sh   every notebook with QUICK = True: the executed copies go to a scratch
 #                                              folder, what they write to the sandbox outputs/quick/ and images/quick/
 #                                              (never committed; the committed notebooks and results are not touched).
-# Changed parameters go in EXECUTE_ARGS, e.g. EXECUTE_ARGS="-p DEVICE cuda" (the banner lists them);
+# Changed parameters go in EXECUTE_ARGS, e.g. EXECUTE_ARGS="-p EPOCHS 5" (the banner lists them);
 # QUICK=1 passes PAPERMILL_ARGS to papermill the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,10p' "$0" | cut -c3-; exit 0 ;; esac
+for n in "$@"; do  # each argument names one notebook: 01 ... 07
+  compgen -G "notebooks/${n}_*.ipynb" > /dev/null || { echo "no notebook numbered '$n' (use 01 ... 07)"; exit 2; }
+done
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
@@ -33,12 +37,13 @@ if [ "${QUICK:-0}" = 1 ]; then
   echo "done: executed notebooks in $scratch; what they wrote in outputs/quick/ and images/quick/"
   exit 0
 fi
-needs_gpu=$(printf '%s\n' "${numbers[@]}" | grep -c -v -E '^0?[12]$' || true)
+needs_gpu=$(printf '%s\n' "${numbers[@]}" | grep -c -v -E '^0[127]$' || true)
 if [ "$needs_gpu" -gt 0 ] && ! "$VENV/bin/python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU here. The full series trains for hours on a GPU and would take weeks on this CPU"
   echo "(the course's CPU reference run of ResNet18 took 17 to 19 minutes an epoch of 45,000 images on a 2-core"
   echo " Intel Xeon: README, 'Measured runs')."
-  echo "Notebooks 01 and 02 need no GPU. Check everything quickly instead: QUICK=1 bash scripts/run_series.sh"
+  echo "Notebooks 01, 02 and 07 (which explains a trained run) need no GPU. Check everything quickly instead:"
+  echo "QUICK=1 bash scripts/run_series.sh"
   [ "${FORCE_CPU:-0}" = 1 ] || { echo "(FORCE_CPU=1 runs it anyway)"; exit 1; }
 fi
 for n in "${numbers[@]}"; do

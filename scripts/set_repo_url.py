@@ -2,12 +2,13 @@
 [--publish DIR]
 
 Rewrites the REPO_URL / REPO_REF line of every notebook's setup cell, the "Open in Colab" badges of the notebooks
-and README.md, and README's mentions of the address, so that a teacher who forks the course changes one thing.
-Pin a tag (--ref v1.0) for a course, so that the helpers.py students fetch always matches their notebooks.
+and README.md, and README's mentions of the address, so that a teacher's private copy of the course (imported, not
+forked: README) changes one thing. Pin a tag (--ref v1.0) for a course, so that the helpers.py students fetch always
+matches their notebooks.
 
---publish DIR writes the class's copy instead: every file of this checkout's last commit except teacher/ (the model
-answers) into DIR, with the address set there; this checkout is not changed. Push DIR to the repository students
-clone, and tag it with --ref.
+--publish DIR writes the class's copy instead: every file of this checkout's last commit except teacher/ and
+tests/test_teacher.py (the model answers and the tests that read them) into DIR, with the address set there; this
+checkout is not changed. Push DIR to the repository students clone, and tag it with --ref.
 """
 
 import argparse
@@ -90,7 +91,8 @@ def main(argv=None):
     ap.add_argument("url", help="the course's GitHub address, e.g. https://github.com/my-school/resnet-course")
     ap.add_argument("--ref", default="main", help="the branch or tag students get (pin a tag for a course)")
     ap.add_argument("--root", type=Path, default=ROOT, help="the checkout to rewrite (default: this one)")
-    ap.add_argument("--publish", type=Path, metavar="DIR", help="write the class's copy (without teacher/) to DIR")
+    ap.add_argument("--publish", type=Path, metavar="DIR",
+                    help="write the class's copy (without teacher/ and tests/test_teacher.py) to DIR")
     a = ap.parse_args(argv)
     url = a.url.rstrip("/").removesuffix(".git")
     if not GITHUB.match(url):

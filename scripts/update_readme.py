@@ -45,6 +45,8 @@ def expected(output_dir):
 
 if __name__ == "__main__":
     output_dir = sys.argv[1] if len(sys.argv) > 1 else ROOT / "outputs"
+    if not any((Path(output_dir) / "results").glob("*.json")):  # a typo must not empty README's table
+        sys.exit(f"no results files in {Path(output_dir) / 'results'}: README.md and course/expected.json not changed")
     update_readme(ROOT / "README.md", output_dir)
     (ROOT / "course" / "expected.json").write_text(json.dumps(expected(output_dir), indent=1) + "\n")
     print(f"README.md results table and course/expected.json rebuilt from {Path(output_dir) / 'results'}")

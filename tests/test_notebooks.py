@@ -311,3 +311,34 @@ def test_execute_notebook_drops_the_injected_cell_and_writes_a_banner():
     assert "`EPOCHS = 5`, `EXPERIMENT = 'cpu_ref'`" in banner and "*Run all* runs the defaults" in banner
     assert code(nb)[1].outputs == [stream]
     assert parameters(nb)["EPOCHS"] == 20  # the defaults are what Run all runs
+
+
+@pytest.mark.slow
+def test_execute_notebook_leaves_the_notebook_as_it_was_when_the_run_fails(tmp_path):
+    """A failed run (or an older run's leftover injected cell) never reaches the committed notebook; -p names must be
+    parameters, and a -p equal to the default is not listed as a change."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_notebook", ROOT / "scripts" / "execute_notebook.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "toy.ipynb"
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_markdown_cell("# toy"),
+                nbformat.v4.new_code_cell("X = 1  # a knob", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("X = 2", metadata={"tags": ["injected-parameters"]}),  # an old run's
+                nbformat.v4.new_code_cell("print('X is', X)\nraise ValueError('broken')")]
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="broken"):
+        script.main([str(path)])
+    assert path.read_bytes() == before
+    with pytest.raises(SystemExit, match="DEVICE: not in the parameters cell"):
+        script.main([str(path), "-p", "DEVICE", "cuda"])
+    nb.cells[3].source = "print('X is', X)"
+    nbformat.write(nb, path)
+    script.main([str(path), "-p", "X", "1"])
+    done = nbformat.read(path, as_version=4)
+    assert "none (the defaults)" in done.cells[1].source and done.cells[-1].outputs[0]["text"] == "X is 1\n"
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in done.cells)
