@@ -62,6 +62,14 @@ def seed_everything(seed=0):
     torch.manual_seed(seed)
 
 
+def _whole(value):  # a whole number (python's or numpy's), not a bool: for the input checks below
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(value):  # a finite number (python's or numpy's), not a bool
+    return (_whole(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
 # =============================================================================================
 # Data (notebook 01)
 # =============================================================================================
@@ -73,8 +81,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 def load_cifar10(root="data", train=True, download=True, subset=None, seed=0):
-    """CIFAR-10's python batches in root/cifar-10-batches-py as (uint8 [N, 32, 32, 3], int64 [N]), fetched if missing
-    (01)."""
+    """CIFAR-10's python batches under root as (uint8 [N, 32, 32, 3], int64 [N]), fetched if missing (01)."""
     folder = Path(root) / "cifar-10-batches-py"
     names = tuple(f"data_batch_{i}" for i in range(1, 6)) if train else ("test_batch",)
     missing = [n for n in names if not (folder / n).is_file()]
@@ -241,8 +248,7 @@ def make_data(data_dir="data", aug=None, batch_size=512, val_fraction=0.1, subse
     xt, yt = load_test_split(data_dir, subset=subset, seed=seed, download=download)
     tr, va = train_val_split(y, val_fraction, seed=seed)
     if val_fraction > 0 and len(np.unique(y[va])) < 10:
-        raise ValueError(f"VAL_FRACTION={val_fraction} of SUBSET={subset} leaves no validation image for some class; "
-                         f"raise SUBSET (or VAL_FRACTION)")
+        raise ValueError(f"SUBSET={subset} too small for VAL_FRACTION={val_fraction}: a class gets no validation image")
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, seed=seed)
     train = make_loader(x[tr], y[tr], make_transforms(aug, train=True), shuffle=True, **common)
     val = make_loader(x[va], y[va], make_transforms(train=False), **common) if len(va) else None
@@ -270,15 +276,14 @@ def to_display(image):
 
 
 def check_augment(aug):
-    """AUGMENT with the defaults filled in; unknown keys raise an error listing the valid ones (01, 03-06)."""
+    """AUGMENT with the defaults filled in; unknown keys or values out of range raise an error (01, 03-06)."""
     aug = {**AUGMENT, **(aug or {})}
     rules = "crop: True/False, flip: True/False, cutout: hole size 0-32 px (True: 16), rotate: max degrees 0-180"
     if set(aug) - set(AUGMENT):
         raise ValueError(f"unknown augmentation {sorted(set(aug) - set(AUGMENT))}; valid keys: {rules}")
     aug["cutout"] = 16 if aug["cutout"] is True else aug["cutout"] or 0
-    whole = lambda v, top: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= top  # noqa: E731
-    if not (all(isinstance(aug[k], bool) for k in ("crop", "flip")) and whole(aug["cutout"], 32)
-            and _real(aug["rotate"]) and 0 <= aug["rotate"] <= 180):
+    if not (all(isinstance(aug[k], bool) for k in ("crop", "flip")) and _whole(aug["cutout"])
+            and 0 <= aug["cutout"] <= 32 and _real(aug["rotate"]) and 0 <= aug["rotate"] <= 180):
         raise ValueError(f"bad augmentation values {aug}; allowed: {rules}")
     return aug
 
@@ -532,10 +537,6 @@ def find_lr(model, optimizer, criterion, train_loader, end_lr=10, num_iter=100, 
     return LRFinderResult(lrs, losses, suggestions, skip_start, skip_end, diverged)
 
 
-def _real(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_range_test(optimizer, start_lr, end_lr, num_iter):
     """Refuse range-test settings that would run a meaningless test (a downward sweep, NaN, zero steps)."""
     if start_lr is not None and not (_real(start_lr) and start_lr > 0):
@@ -544,7 +545,7 @@ def _check_range_test(optimizer, start_lr, end_lr, num_iter):
     if not (_real(end_lr) and end_lr > first):
         raise ValueError(f"end_lr must be a number above the first LR of the test ({first:g}), got {end_lr!r}: the "
                          f"range test raises the LR from start_lr up to end_lr")
-    if not (isinstance(num_iter, int) and not isinstance(num_iter, bool) and num_iter >= 2):
+    if not (_whole(num_iter) and num_iter >= 2):
         raise ValueError(f"num_iter must be a whole number of steps, at least 2, got {num_iter!r}")
 
 
@@ -1183,8 +1184,7 @@ def _cam_targets(targets, logits):
         return logits.argmax(1)
     values = targets.tolist() if isinstance(targets, (torch.Tensor, np.ndarray)) else targets
     values = list(values) if isinstance(values, (list, tuple)) else [values]
-    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
-    if len(values) != n or not all(whole(v) and 0 <= v < classes for v in values):
+    if len(values) != n or not all(_whole(v) and 0 <= v < classes for v in values):
         raise ValueError(f"targets must be None or {n} class indices (whole numbers from 0 to {classes - 1}, one per "
                          f"image), got {values!r}")
     return torch.tensor(values, dtype=torch.long, device=logits.device)

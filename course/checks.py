@@ -43,10 +43,12 @@ RULES = {
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
-def is_number(value):
-    """A real, finite number (not a bool)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-        and math.isfinite(value)
+def is_whole(value):  # a whole number (python's or numpy's), not a bool
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value):  # a finite number (python's or numpy's), not a bool
+    return (is_whole(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
 
 
 def problem(name, value):
@@ -60,8 +62,7 @@ def problem(name, value):
         ok = isinstance(value, (list, tuple)) and value and all(v in low for v in value)
         return None if ok else f"{name} must be a list of one or more of {', '.join(map(str, low))}, got {value!r}"
     if kind == "ints":
-        whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
-        ok = isinstance(value, (list, tuple)) and value and all(whole(v) and low <= v <= high for v in value)
+        ok = isinstance(value, (list, tuple)) and value and all(is_whole(v) and low <= v <= high for v in value)
         return None if ok else f"{name} must be a list of whole numbers from {low} to {high}, got {value!r}"
     if kind == "text":
         return None if isinstance(value, str) and value.strip() else f"{name} must be text, got {value!r}"
@@ -80,8 +81,7 @@ def problem(name, value):
         return name_problem(value, name, high)
     if kind == "bool":
         return None if isinstance(value, bool) else f"{name} must be True or False, got {value!r}"
-    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if (whole or (kind == "float" and is_number(value))) and low <= value <= high:
+    if (is_whole(value) or (kind == "float" and is_number(value))) and low <= value <= high:
         return None
     what = "a whole number" if kind == "int" else "a number"
     return f"{name} must be {what} from {low:g} to {high:g}{' (or None)' if none_ok else ''}, got {value!r}"

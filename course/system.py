@@ -40,6 +40,7 @@ def versions():
     out["cuda"] = torch.version.cuda or "none"
     return out
 
+
 OFFICIAL_DATA = "the official CIFAR-10 files"  # what data_files says of them (the class table reads it too)
 
 

@@ -73,7 +73,7 @@ def start(variables, drive_folder="resnet-cifar10-course", data_dir=None, device
 
 def _saved_checks(path):
     """The self-checks of earlier sessions, whose tries go on counting; an unreadable file starts them again."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
         saved = json.loads(Path(path).read_text())
         return {k: v for k, v in saved.items() if isinstance(v, dict) and isinstance(v.get("tries"), int)}
     return {}

@@ -62,8 +62,9 @@ def test_the_tries_survive_a_restart_and_stay_in_their_sandbox(tmp_path, fake_ci
     assert again.self_checks == {"03.1": {"right": False, "answer": 70, "tries": 1}}
     assert again.check("03.1", 42) and again.self_checks["03.1"]["tries"] == 2
     assert make_workspace(tmp_path, data_dir=fake_cifar, QUICK=True).self_checks == {}  # QUICK counts its own
-    (tmp_path / "outputs" / "self_checks.json").write_text("not JSON")
-    assert make_workspace(tmp_path, data_dir=fake_cifar).self_checks == {}  # unreadable: the count starts again
+    for damaged in ("not JSON", "[1, 2]"):  # unreadable, or not a record of checks: the count starts again
+        (tmp_path / "outputs" / "self_checks.json").write_text(damaged)
+        assert make_workspace(tmp_path, data_dir=fake_cifar).self_checks == {}
 
 
 def test_a_self_check_reads_the_students_own_run(ws):

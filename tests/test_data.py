@@ -66,7 +66,7 @@ def test_missing_data_is_fetched_by_default(tmp_path, fake_cifar, monkeypatch):
 
 
 def test_a_subset_too_small_for_a_validation_split_is_refused(fake_cifar):
-    with pytest.raises(ValueError, match="VAL_FRACTION=0.1 of SUBSET=50 leaves no validation image for some class"):
+    with pytest.raises(ValueError, match="SUBSET=50 too small for VAL_FRACTION=0.1: a class gets no validation image"):
         H.make_data(fake_cifar, subset=50, device="cpu", num_workers=0)
     assert H.make_data(fake_cifar, subset=60, device="cpu", num_workers=0).val is not None  # 6 a class: 1 held out
 
