@@ -40,7 +40,7 @@ fi
 needs_gpu=$(printf '%s\n' "${numbers[@]}" | grep -c -v -E '^0[127]$' || true)
 if [ "$needs_gpu" -gt 0 ] && ! "$VENV/bin/python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU here. The full series trains for hours on a GPU and would take weeks on this CPU"
-  echo "(the course's CPU reference run of ResNet18 took 17 to 19 minutes an epoch of 45,000 images on a 2-core"
+  echo "(the course's CPU reference run of ResNet18 took 16 to 21 minutes an epoch of 45,000 images on a 2-core"
   echo " Intel Xeon: README, 'Measured runs')."
   echo "Notebooks 01, 02 and 07 (which explains a trained run) need no GPU. Check everything quickly instead:"
   echo "QUICK=1 bash scripts/run_series.sh"

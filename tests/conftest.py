@@ -77,10 +77,11 @@ def data_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests of the course package (tests/test_course_*.py) carry the marker `course`: `-m course` runs them.
-    Every test that reads the student's run (the notebooks executed as a student runs them) is `slow`."""
+    """The tests of the course package (tests/test_course_*.py) and of the teacher's table built on its hand-ins
+    (tests/test_class_results*.py) carry the marker `course`: `-m course` runs them. Every test that reads the
+    student's run (the notebooks executed as a student runs them) is `slow`."""
     for item in items:
-        if item.path.name.startswith("test_course_"):
+        if item.path.name.startswith(("test_course_", "test_class_results")):
             item.add_marker(pytest.mark.course)
         if {"student_run", "handins"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -101,6 +101,7 @@ def test_mean_std_matches_direct_numpy():
     assert np.allclose(mean, flat.mean(0), atol=1e-6) and np.allclose(std, flat.std(0), atol=1e-6)
 
 
+@pytest.mark.slow  # unpacks and reads all 60,000 images (about 12 s)
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg-pack.npz").exists(), reason="needs ../shared/data")
 def test_mean_std_on_the_full_jpeg_copy(tmp_path):
     tool = SHARED_DATA.parent / "tools" / "cifar10_unpack.py"

@@ -158,7 +158,7 @@ def test_hooks_are_removed_also_on_error_and_nothing_grows(scaled_resnet18):
         with H.GradCAMPlusPlus(scaled_resnet18, layer) as cam:
             cam(x)
     before = live_tensors()
-    for _ in range(100):
+    for _ in range(30):  # a tensor kept per call would leave 30 more
         with H.GradCAMPlusPlus(scaled_resnet18, layer) as cam:
             cam(x)
     assert live_tensors() <= before

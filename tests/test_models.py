@@ -71,3 +71,16 @@ def test_unknown_names_list_the_valid_ones():
         H.make_model("resnet101")
     with pytest.raises(ValueError, match="bn, ln, gn"):
         H.make_model("resnet18", norm="in")
+
+
+
+def test_notebook_03s_block_check_runs_in_training_mode_because_eval_mode_would_miss_a_wrong_order():
+    """03 checks BasicBlock against its formula in training mode; its text says why: in eval mode a fresh BatchNorm
+    only divides by sqrt(1 + eps), so a block with its ReLU before a BatchNorm passes there and fails here."""
+    x = torch.randn(2, 64, 32, 32)
+    by_hand = lambda b: torch.relu(b.norm2(b.conv2(torch.relu(b.norm1(b.conv1(x))))) + b.shortcut(x))  # noqa: E731
+    relu_first = lambda b: torch.relu(b.norm2(b.conv2(b.norm1(torch.relu(b.conv1(x))))) + b.shortcut(x))  # noqa: E731
+    for train, wrong_order_passes in ((True, False), (False, True)):
+        block = H.BasicBlock(64, 128, stride=2).train(train)  # fresh: running mean 0, variance 1
+        assert torch.allclose(by_hand(block), block(x))
+        assert torch.allclose(relu_first(block), block(x)) is wrong_order_passes
