@@ -4,10 +4,7 @@ What it keeps safe: a typo (EPOCHS = 0, LR = 50, SUBSET = 1, a run name that can
 at its start call with a message naming the parameter, what is allowed, and what it got.
 """
 
-import math
 import re
-
-import numpy as np
 
 import helpers as H
 
@@ -43,12 +40,7 @@ RULES = {
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
-def is_whole(value):  # a whole number (python's or numpy's), not a bool
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def is_number(value):  # a finite number (python's or numpy's), not a bool
-    return (is_whole(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+is_whole, is_number = H._whole, H._real  # whole / finite numbers, not bools: one definition, helpers' input checks
 
 
 def problem(name, value):

@@ -73,7 +73,6 @@ def test_unknown_names_list_the_valid_ones():
         H.make_model("resnet18", norm="in")
 
 
-
 def test_notebook_03s_block_check_runs_in_training_mode_because_eval_mode_would_miss_a_wrong_order():
     """03 checks BasicBlock against its formula in training mode; its text says why: in eval mode a fresh BatchNorm
     only divides by sqrt(1 + eps), so a block with its ReLU before a BatchNorm passes there and fails here."""
